@@ -1,0 +1,250 @@
+"""The head tree (paper Sec. 3.1, Fig. 1): one network, several classifier heads.
+
+A network is an ordered list of *stages*: `g(x) = g_K(... g_1(x))`. Each stage
+is given as a factory (a linen Module class or a `functools.partial` of one)
+whose instances are called as `stage(x, train=...)`; the last stage returns
+logits `[B, C]`.
+
+The topology is data, `splits = ((stage_index, branches), ...)`: split before
+stage `stage_index` (0 = before the first stage, i.e. independent instances)
+into `branches` copies; every split multiplies the number of heads. Examples on
+a 3-stage CIFAR ResNet: single `()`, 4 instances `((0, 4),)`, simple ILR sharing
+`((1, 2),)`, hierarchical ILR sharing `((1, 2), (2, 2))`.
+
+Parameters are laid out by *level*: `trunk` holds the stages before the first
+split; `level_i` holds the stages between split `i` and split `i + 1`, stacked
+with leading axes `[b_1, ..., b_i]` (one slice per branch), so all branches of a
+level run as one batched computation (`nn.vmap`). Each branch therefore owns the
+parameters *and* the BatchNorm statistics of its unshared stages. Head `h`
+(0-based; "head 1" in logs is `h = 0`) is the branch path
+`np.unravel_index(h, (b_1, ..., b_k))`.
+
+At each split the shared activation passes through `backprop_rescale(x, 1/b)`
+(paper eq. 5-6): with several splits, each split point divides the gradient by
+its own branch count, which is the natural generalisation of `1/H` to a tree.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collab_jax import rescale as rescale_lib
+
+StageFactory = Callable[..., nn.Module]
+Splits = Tuple[Tuple[int, int], ...]
+
+RESCALE_MODES = ('backprop', 'none', 'loss')
+BRANCH_IMPLS = ('vmap', 'loop')
+
+
+def validate_splits(splits, num_stages) -> Splits:
+  """Checks a topology against a network of `num_stages` stages.
+
+  Returns:
+    The splits as a tuple of `(stage_index, branches)` int pairs.
+
+  Raises:
+    ValueError naming what is wrong and what is allowed.
+  """
+  try:
+    pairs = tuple((s, b) for s, b in splits)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'splits={splits!r} must be a sequence of (stage_index, branches) '
+        'pairs, e.g. ((1, 2),) or ((1, 2), (2, 2)); () is the single model.'
+    ) from None
+  previous = -1
+  for s, b in pairs:
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+               for v in (s, b)):
+      raise ValueError(
+          f'splits={splits!r}: stage indices and branch counts must be ints.')
+    if not 0 <= s < num_stages:
+      raise ValueError(
+          f'splits={splits!r}: split index {s} is out of range; this network '
+          f'has {num_stages} stages, so split indices must be in '
+          f'[0, {num_stages - 1}] (0 = separate instances).')
+    if b < 2:
+      raise ValueError(
+          f'splits={splits!r}: a split needs at least 2 branches, got {b} at '
+          f'stage {s}.')
+    if s <= previous:
+      raise ValueError(
+          f'splits={splits!r}: split indices must be strictly increasing.')
+    previous = s
+  return tuple((int(s), int(b)) for s, b in pairs)
+
+
+def num_heads(splits) -> int:
+  """Number of heads of a topology: the product of its branch counts."""
+  return math.prod(b for _, b in splits)
+
+
+def head_path(head: int, splits) -> Tuple[int, ...]:
+  """Branch index at every level for 0-based `head` (row-major over levels)."""
+  branches = tuple(b for _, b in splits)
+  if not 0 <= head < math.prod(branches):
+    raise ValueError(
+        f'head index {head} out of range for {math.prod(branches)} heads '
+        '(0-based: head 1 is index 0).')
+  return tuple(int(i) for i in np.unravel_index(head, branches)) if branches else ()
+
+
+def loss_scale(rescale: str, heads: int) -> float:
+  """Factor applied to the summed loss: `1/H` for the 'loss' ablation, else 1."""
+  return 1.0 / heads if rescale == 'loss' else 1.0
+
+
+class Segment(nn.Module):
+  """Consecutive stages `first_index, first_index + 1, ...` applied in order."""
+  stages: Sequence[StageFactory]
+  first_index: int
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for offset, make_stage in enumerate(self.stages):
+      x = make_stage(name=f'stage_{self.first_index + offset}')(
+          x, train=self.train)
+    return x
+
+
+class StageNetwork(nn.Module):
+  """The plain target network: all stages in order, logits `[B, C]`.
+
+  Its variables are `{'stage_0': ..., 'stage_1': ...}`; `export_head` produces
+  exactly this layout from a trained `HeadTree`.
+  """
+  stages: Sequence[StageFactory]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for index, make_stage in enumerate(self.stages):
+      x = make_stage(name=f'stage_{index}')(x, train=train)
+    return x
+
+
+def _stacked(module_cls, branches):
+  """`module_cls` vmapped over branch axes `branches = (b_1, ..., b_i)`.
+
+  The innermost map creates the new axis `b_i` (input not mapped: every branch
+  reads the same activation); the outer maps follow the axes that already
+  exist from earlier splits.
+  """
+  target = module_cls
+  for depth, b in enumerate(reversed(branches)):
+    target = nn.vmap(
+        target,
+        in_axes=None if depth == 0 else 0,
+        out_axes=0,
+        axis_size=b,
+        variable_axes={'params': 0, 'batch_stats': 0},
+        split_rngs={'params': True, 'dropout': True})
+  return target
+
+
+class HeadTree(nn.Module):
+  """A tree of heads over a stage-list network; returns logits `[H, B, C]`.
+
+  Attributes:
+    stages: the network as stage factories (see module docstring).
+    splits: the topology `((stage_index, branches), ...)`; `()` = one head.
+    rescale: 'backprop' (paper: gradient times 1/branches at each split),
+      'none' (no rescaling) or 'loss' (no rescaling here; the trainer divides
+      the summed loss by H, see `loss_scale`), the ablations of Table 3.
+    branch_impl: 'vmap' runs the branches of a level as one batched
+      computation over stacked parameters; 'loop' is a Python loop over
+      branches with separate parameters (same maths; kept for benchmarking).
+  """
+  stages: Sequence[StageFactory]
+  splits: Sequence[Tuple[int, int]] = ()
+  rescale: str = 'backprop'
+  branch_impl: str = 'vmap'
+
+  def __post_init__(self):
+    validate_splits(self.splits, len(self.stages))
+    if self.rescale not in RESCALE_MODES:
+      raise ValueError(
+          f'rescale={self.rescale!r} is not one of {RESCALE_MODES}.')
+    if self.branch_impl not in BRANCH_IMPLS:
+      raise ValueError(
+          f'branch_impl={self.branch_impl!r} is not one of {BRANCH_IMPLS}.')
+    super().__post_init__()
+
+  @property
+  def num_heads(self) -> int:
+    return num_heads(self.splits)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    stages = tuple(self.stages)
+    splits = validate_splits(self.splits, len(stages))
+    bounds = [s for s, _ in splits] + [len(stages)]
+    branches = [b for _, b in splits]
+
+    first = bounds[0]
+    if first > 0:
+      x = Segment(stages[:first], 0, train, name='trunk')(x)
+
+    for level, (start, b) in enumerate(splits, 1):
+      end = bounds[level]
+      if self.rescale == 'backprop':
+        x = rescale_lib.backprop_rescale(x, 1.0 / b)
+      segment = functools.partial(Segment, stages[start:end], start, train)
+      if self.branch_impl == 'vmap':
+        x = _stacked(Segment, branches[:level])(
+            stages[start:end], start, train, name=f'level_{level}')(x)
+      else:
+        x = self._loop_level(segment, x, level, branches[:level])
+
+    if not splits:
+      return x[None]
+    return x.reshape((-1,) + x.shape[len(splits):])
+
+  def _loop_level(self, segment, x, level, branches):
+    """Python loop over the branches of one level; separate modules each."""
+    lead = tuple(branches[:-1])
+    b = branches[-1]
+    flat = x.reshape((-1,) + x.shape[len(lead):]) if lead else x[None]
+    outs = []
+    for parent in range(flat.shape[0]):
+      for j in range(b):
+        outs.append(segment(name=f'level_{level}_{parent * b + j}')(flat[parent]))
+    out = jnp.stack(outs)
+    return out.reshape(tuple(branches) + out.shape[1:])
+
+
+def export_head(variables, splits, head: int = 0, branch_impl: str = 'vmap'):
+  """Extracts head `head` (0-based) of a trained tree as target-network variables.
+
+  Args:
+    variables: the tree's variables, e.g. `{'params': ..., 'batch_stats': ...}`.
+    splits: the tree's topology.
+    head: 0-based head index (head 1 = 0).
+    branch_impl: the `branch_impl` the tree was built with.
+
+  Returns:
+    Variables for `StageNetwork(stages)` (`{'stage_0': ..., ...}` per
+    collection) whose outputs equal the tree's head `head` on the same input.
+  """
+  splits = tuple(tuple(s) for s in splits)
+  path = head_path(head, splits)
+  branches = tuple(b for _, b in splits)
+  out = {}
+  for collection, tree in variables.items():
+    merged = dict(tree.get('trunk', {}))
+    for level in range(1, len(splits) + 1):
+      prefix = path[:level]
+      if branch_impl == 'vmap':
+        level_vars = jax.tree.map(lambda a, p=prefix: a[p], tree[f'level_{level}'])
+      else:
+        flat = int(np.ravel_multi_index(prefix, branches[:level]))
+        level_vars = tree[f'level_{level}_{flat}']
+      merged.update(level_vars)
+    out[collection] = merged
+  return out

@@ -1,0 +1,60 @@
+"""Networks written as lists of stages, and their paper split points.
+
+`get_stages(name, num_classes, **kwargs)` returns a tuple of stage factories
+for `collab_jax.heads.HeadTree`. Adding a network means writing a function that
+returns its stages and listing it in `NETWORKS`; nothing else changes.
+"""
+
+import functools
+
+import jax.numpy as jnp
+
+from collab_jax.models.cifar_resnet import cifar_resnet
+from collab_jax.models.densenet import densenet
+from collab_jax.models.imagenet_resnet import imagenet_resnet
+
+NETWORKS = {
+    **{f'cifar_resnet{d}': functools.partial(cifar_resnet, d)
+       for d in (8, 20, 32, 44, 56, 110)},
+    'densenet40_12': functools.partial(densenet, 40, growth_rate=12),
+    'resnet18_bottleneck': functools.partial(imagenet_resnet, (2, 2, 2, 2)),
+    'resnet50': functools.partial(imagenet_resnet, (3, 4, 6, 3)),
+    # Tiny networks for tests: same code paths, a few thousand parameters.
+    'tiny_resnet': functools.partial(cifar_resnet, 8, width=4),
+    'tiny_densenet': functools.partial(densenet, 7, growth_rate=4),
+    'tiny_resnet50': functools.partial(imagenet_resnet, (1, 1, 1, 1), width=4),
+}
+
+# The paper's split points (Sec. 4): CIFAR networks split after block 1 and 2;
+# ResNet-50 after conv3_x and conv4_x.
+_THREE_STAGE = {'single': (), 'h2_instances': ((0, 2),),
+                'h4_instances': ((0, 4),), 'h2_simple': ((1, 2),),
+                'h4_simple': ((1, 4),), 'h4_hierarchical': ((1, 2), (2, 2))}
+_FOUR_STAGE = {'single': (), 'h2_instances': ((0, 2),),
+               'h4_instances': ((0, 4),), 'h2_simple': ((2, 2),),
+               'h4_simple': ((2, 4),), 'h4_hierarchical': ((2, 2), (3, 2))}
+
+
+def paper_splits(name: str, graph: str):
+  """The split topology of training graph `graph` on network `name`."""
+  table = _FOUR_STAGE if 'resnet50' in name or 'resnet18' in name else _THREE_STAGE
+  if graph not in table:
+    raise ValueError(f'unknown training graph {graph!r}; known: {sorted(table)}')
+  return table[graph]
+
+
+def get_stages(name: str, num_classes: int, *, dtype=jnp.float32, **kwargs):
+  """Stage factories of network `name` with `num_classes` outputs.
+
+  Args:
+    name: one of `NETWORKS`.
+    num_classes: classifier size.
+    dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16.
+    **kwargs: network hyper-parameters, e.g. `width` for the ResNets.
+  """
+  if name not in NETWORKS:
+    raise ValueError(
+        f'unknown network {name!r}; choose one of: {", ".join(sorted(NETWORKS))}.')
+  if isinstance(dtype, str):
+    dtype = jnp.dtype(dtype)
+  return NETWORKS[name](num_classes, dtype=dtype, **kwargs)
