@@ -1,0 +1,213 @@
+"""The head tree: topology validation, parameter layout, rescaled gradients, export."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import collab_jax
+from collab_jax import heads as heads_lib
+from collab_jax import models
+
+TOPOLOGIES = [(), ((0, 2),), ((0, 4),), ((1, 2),), ((1, 4),), ((1, 2), (2, 2)),
+              ((0, 2), (2, 3))]
+
+
+def _init(tree, shape=(4, 16, 16, 3), seed=0):
+  return jax.jit(tree.init)(jax.random.key(seed), jnp.zeros(shape, jnp.float32))
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('splits', TOPOLOGIES)
+@pytest.mark.parametrize('impl', ['vmap', 'loop'])
+def test_parameter_count_is_shared_plus_branch_copies(splits, impl):
+  stages = models.get_stages('tiny_resnet', 10)
+  single = jax.eval_shape(lambda: _init(collab_jax.StageNetwork(stages)))['params']
+  per_stage = [_count(single[f'stage_{i}']) for i in range(len(stages))]
+  tree = collab_jax.HeadTree(stages, splits, branch_impl=impl)
+  params = jax.eval_shape(lambda: _init(tree))['params']
+  # Stage s is copied once per branch path that exists before it.
+  copies = [math.prod(b for i, b in splits if i <= s) for s in range(len(stages))]
+  assert _count(params) == sum(c * n for c, n in zip(copies, per_stage))
+  logits = jax.eval_shape(lambda p: tree.apply(p, jnp.zeros((4, 16, 16, 3))),
+                          {'params': params, 'batch_stats': jax.eval_shape(
+                              lambda: _init(tree))['batch_stats']})
+  assert logits.shape == (collab_jax.num_heads(splits), 4, 10)
+
+
+@pytest.mark.parametrize('splits,match', [
+    (((3, 2),), 'out of range'),
+    (((-1, 2),), 'out of range'),
+    (((1, 1),), 'at least 2 branches'),
+    (((1, 2), (1, 2)), 'strictly increasing'),
+    (((2, 2), (1, 2)), 'strictly increasing'),
+    (((1.0, 2),), 'must be ints'),
+    ((1, 2), 'sequence of'),
+])
+def test_bad_topology_fails_at_construction(splits, match):
+  with pytest.raises(ValueError, match=match):
+    collab_jax.HeadTree(models.get_stages('tiny_resnet', 10), splits)
+
+
+def test_bad_options_fail_at_construction():
+  stages = models.get_stages('tiny_resnet', 10)
+  with pytest.raises(ValueError, match='rescale'):
+    collab_jax.HeadTree(stages, (), rescale='half')
+  with pytest.raises(ValueError, match='branch_impl'):
+    collab_jax.HeadTree(stages, (), branch_impl='scan')
+  with pytest.raises(ValueError, match='unknown network'):
+    models.get_stages('resnet9000', 10)
+
+
+def _grads(tree, variables, x, labels, head=None):
+  """Gradients of the collaborative loss (or of head `head`'s term only)."""
+  def loss_fn(params):
+    logits, _ = tree.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                           x, train=True, mutable=['batch_stats'])
+    terms = collab_jax.collaborative_head_losses(logits, labels)['total']
+    return jnp.sum(terms) if head is None else terms[head]
+  return jax.jit(jax.grad(loss_fn))(variables['params'])
+
+
+@pytest.mark.parametrize('splits', [((1, 4),), ((1, 2), (2, 2))])
+def test_shared_gradient_is_mean_of_heads_with_backprop_and_sum_without(splits):
+  stages = models.get_stages('tiny_resnet', 5)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 12, 12, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, 8))
+  tree_bp = collab_jax.HeadTree(stages, splits, rescale='backprop')
+  tree_none = collab_jax.HeadTree(stages, splits, rescale='none')
+  variables = _init(tree_bp, x.shape)
+  h = collab_jax.num_heads(splits)
+  per_head = [_grads(tree_none, variables, x, labels, head=k) for k in range(h)]
+  g_bp = _grads(tree_bp, variables, x, labels)
+  g_none = _grads(tree_none, variables, x, labels)
+  mean_trunk = jax.tree.map(lambda *g: sum(g) / h, *[g['trunk'] for g in per_head])
+  sum_trunk = jax.tree.map(lambda *g: sum(g), *[g['trunk'] for g in per_head])
+  for got, want in zip(jax.tree.leaves(g_bp['trunk']), jax.tree.leaves(mean_trunk)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(g_none['trunk']), jax.tree.leaves(sum_trunk)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+  # Each head's own (last-level) layers see the single-model gradient either way.
+  last = f'level_{len(splits)}'
+  for got, want in zip(jax.tree.leaves(g_bp[last]), jax.tree.leaves(g_none[last])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert any(np.abs(l).max() > 0 for l in jax.tree.leaves(g_bp['trunk']))
+
+
+def test_hierarchical_middle_level_gets_mean_of_its_children():
+  stages = models.get_stages('tiny_resnet', 5)
+  splits = ((1, 2), (2, 2))
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 12, 12, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, 8))
+  tree_bp = collab_jax.HeadTree(stages, splits)
+  tree_none = collab_jax.HeadTree(stages, splits, rescale='none')
+  variables = _init(tree_bp, x.shape)
+  g_bp = _grads(tree_bp, variables, x, labels)['level_1']
+  g_none = _grads(tree_none, variables, x, labels)['level_1']
+  # Level-1 branch i feeds heads 2i, 2i+1: rescaled by 1/2, i.e. their mean.
+  for got, want in zip(jax.tree.leaves(g_bp), jax.tree.leaves(g_none)):
+    np.testing.assert_allclose(got, want / 2, rtol=1e-4, atol=1e-7)
+
+
+def _trained_variables(tree, x):
+  """Variables after one SGD step, so BatchNorm statistics are not trivial."""
+  variables = _init(tree, x.shape)
+  labels = jnp.arange(x.shape[0]) % 10
+  def loss_fn(params):
+    logits, new = tree.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                             x, train=True, mutable=['batch_stats'])
+    return collab_jax.collaborative_loss(logits, labels), new
+  grads, new = jax.jit(jax.grad(loss_fn, has_aux=True))(variables['params'])
+  params = jax.tree.map(lambda p, g: p - 0.5 * g, variables['params'], grads)
+  return {'params': params, 'batch_stats': new['batch_stats']}
+
+
+@pytest.mark.parametrize('name,splits,impl', [
+    ('tiny_resnet', ((1, 2),), 'vmap'), ('tiny_resnet', ((1, 2),), 'loop'),
+    ('tiny_resnet', ((1, 2), (2, 2)), 'vmap'), ('tiny_resnet', ((1, 2), (2, 2)), 'loop'),
+    ('tiny_resnet', ((0, 3),), 'vmap'), ('tiny_resnet', ((0, 2), (2, 2)), 'loop'),
+    ('tiny_densenet', ((1, 2), (2, 2)), 'vmap'), ('tiny_densenet', ((0, 2),), 'loop'),
+])
+def test_export_reproduces_every_head(name, splits, impl):
+  stages = models.get_stages(name, 10)
+  tree = collab_jax.HeadTree(stages, splits, branch_impl=impl)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 16, 16, 3)), jnp.float32)
+  variables = _trained_variables(tree, x)
+  tree_logits = jax.jit(tree.apply)(variables, x)
+  network = collab_jax.StageNetwork(stages)
+  network_apply = jax.jit(network.apply)
+  for head in range(collab_jax.num_heads(splits)):
+    exported = collab_jax.export_head(variables, splits, head, branch_impl=impl)
+    # Exactly the plain network's variable structure ...
+    plain = jax.eval_shape(lambda: _init(network, x.shape))
+    assert jax.tree.structure(exported) == jax.tree.structure(plain)
+    # ... and head `head`'s outputs: bit for bit when the tree ran the same
+    # convolutions (loop); the vmapped tree runs them batched over branches,
+    # which XLA may sum in another order, so there the tolerance is float32's.
+    got = network_apply(exported, x)
+    if impl == 'loop':
+      np.testing.assert_array_equal(got, tree_logits[head])
+    else:
+      np.testing.assert_allclose(got, tree_logits[head], rtol=1e-5, atol=2e-6)
+  # Heads really differ (they are different parameters).
+  assert not np.allclose(tree_logits[0], tree_logits[-1])
+
+
+def test_heads_own_their_batchnorm_statistics():
+  stages = models.get_stages('tiny_resnet', 10)
+  tree = collab_jax.HeadTree(stages, ((1, 2),))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+  stats = _trained_variables(tree, x)['batch_stats']
+  mean = jax.tree.leaves(stats['level_1'])[0]
+  assert mean.shape[0] == 2 and not np.allclose(mean[0], mean[1])
+  assert jax.tree.leaves(stats['trunk'])[0].ndim == 1
+
+
+def test_vmap_and_loop_compute_the_same_function():
+  stages = models.get_stages('tiny_resnet', 10)
+  splits = ((1, 2), (2, 2))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+  tree_v = collab_jax.HeadTree(stages, splits, branch_impl='vmap')
+  variables = _trained_variables(tree_v, x)
+  # Re-lay the stacked parameters as the loop's separate modules.
+  looped = {}
+  for col, t in variables.items():
+    looped[col] = {'trunk': t['trunk']}
+    for k in range(2):
+      looped[col][f'level_1_{k}'] = jax.tree.map(lambda a: a[k], t['level_1'])
+    for k in range(4):
+      looped[col][f'level_2_{k}'] = jax.tree.map(lambda a: a[k // 2, k % 2], t['level_2'])
+  tree_l = collab_jax.HeadTree(stages, splits, branch_impl='loop')
+  np.testing.assert_allclose(tree_l.apply(looped, x), tree_v.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_head_path_row_major():
+  assert heads_lib.head_path(0, ((1, 2), (2, 2))) == (0, 0)
+  assert heads_lib.head_path(3, ((1, 2), (2, 2))) == (1, 1)
+  assert heads_lib.head_path(2, ((1, 2), (2, 2))) == (1, 0)
+  with pytest.raises(ValueError, match='head 1 is index 0'):
+    heads_lib.head_path(4, ((1, 2), (2, 2)))
+
+
+def test_works_with_any_stage_list():
+  """A network is just its stages: a 2-stage MLP needs nothing else."""
+  class Dense(nn.Module):
+    features: int
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(self.features)(x.reshape(x.shape[0], -1))
+  stages = (functools.partial(Dense, 8), functools.partial(Dense, 3))
+  tree = collab_jax.HeadTree(stages, ((1, 3),))
+  variables = tree.init(jax.random.key(0), jnp.ones((2, 5)))
+  assert tree.apply(variables, jnp.ones((2, 5))).shape == (3, 2, 3)
+  assert variables['params']['level_1']['stage_1']['Dense_0']['kernel'].shape == (3, 8, 3)

@@ -1,0 +1,169 @@
+"""The collaborative loss and its gradient against an independent NumPy version."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import collab_jax
+from collab_jax import losses
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_softmax(z):
+  return np.exp(_np_log_softmax(z))
+
+
+def np_collaborative(logits, targets, beta, temperature):
+  """Paper eq. 2-4 in float64 NumPy: loss and d loss / d logits (q held fixed)."""
+  heads, batch, _ = logits.shape
+  loss, grad = 0.0, np.zeros_like(logits)
+  for h in range(heads):
+    p = _np_softmax(logits[h])
+    hard = -(targets * _np_log_softmax(logits[h])).sum(-1).mean()
+    if heads == 1:
+      loss += hard
+      grad[h] = (p - targets) / batch
+      continue
+    others = (logits.sum(0) - logits[h]) / (heads - 1)
+    q = _np_softmax(others / temperature)
+    pt = _np_softmax(logits[h] / temperature)
+    soft = -(q * _np_log_softmax(logits[h] / temperature)).sum(-1).mean()
+    loss += beta * hard + (1 - beta) * temperature**2 * soft
+    grad[h] = (beta * (p - targets)
+               + (1 - beta) * temperature * (pt - q)) / batch
+  return loss, grad
+
+
+@pytest.mark.parametrize('heads,temperature,beta', list(itertools.product(
+    [1, 2, 3, 4], [1.0, 2.0, 4.0], [0.5, 0.8, 1.0])))
+def test_loss_and_gradient_match_numpy(heads, temperature, beta):
+  rng = np.random.default_rng(heads * 100 + int(temperature * 10))
+  logits = rng.normal(size=(heads, 6, 5)) * 3
+  labels = rng.integers(0, 5, size=6)
+  targets = np.eye(5)[labels]
+  want_loss, want_grad = np_collaborative(logits, targets, beta, temperature)
+  fn = lambda z: collab_jax.collaborative_loss(
+      z, labels, beta=beta, temperature=temperature)
+  loss, grad = jax.value_and_grad(fn)(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_labels_accepted_and_equal_to_one_hot():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+  labels = np.array([0, 5, 2, 2])
+  a = collab_jax.collaborative_loss(logits, labels)
+  b = collab_jax.collaborative_loss(logits, jax.nn.one_hot(labels, 6))
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  soft = rng.dirichlet(np.ones(6), size=4)
+  want, _ = np_collaborative(np.asarray(logits, np.float64), soft, 0.5, 2.0)
+  np.testing.assert_allclose(
+      collab_jax.collaborative_loss(logits, soft), want, rtol=1e-5)
+
+
+def test_consensus_excludes_own_head():
+  logits = jnp.array([[[0.0, 0.0]], [[2.0, 0.0]], [[0.0, 4.0]]])
+  q = collab_jax.consensus_targets(logits, 1.0)
+  assert q.shape == (3, 1, 2)
+  np.testing.assert_allclose(q[0, 0], jax.nn.softmax(jnp.array([1.0, 2.0])), rtol=1e-6)
+  np.testing.assert_allclose(q[1, 0], jax.nn.softmax(jnp.array([0.0, 2.0])), rtol=1e-6)
+  np.testing.assert_allclose(q[2, 0], jax.nn.softmax(jnp.array([1.0, 0.0])), rtol=1e-6)
+
+
+def test_single_head_is_cross_entropy():
+  logits = jnp.array([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]])
+  labels = jnp.array([1, 2])
+  want = -np.mean(np.take_along_axis(
+      _np_log_softmax(np.asarray(logits[0], np.float64)), np.array([[1], [2]]), 1))
+  for beta in (0.3, 1.0):
+    np.testing.assert_allclose(
+        collab_jax.collaborative_loss(logits, labels, beta=beta), want, rtol=1e-6)
+
+
+def test_consensus_gradient_option_changes_gradient():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 4)), jnp.float32)
+  labels = jnp.array([0, 1, 2])
+  g0 = jax.grad(lambda z: collab_jax.collaborative_loss(z, labels))(logits)
+  g1 = jax.grad(lambda z: collab_jax.collaborative_loss(
+      z, labels, consensus_gradient=True))(logits)
+  assert not np.allclose(g0, g1)
+
+
+def test_stable_for_large_and_bfloat16_logits():
+  logits = jnp.array([[[1e4, -1e4, 0.0]], [[-1e4, 1e4, 0.0]]], jnp.bfloat16)
+  labels = jnp.array([0])
+  loss, grad = jax.value_and_grad(
+      lambda z: collab_jax.collaborative_loss(z, labels))(logits)
+  assert loss.dtype == jnp.float32 and np.isfinite(loss) and loss > 1000
+  assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+def test_mask_ignores_padding():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+  labels = jnp.array([0, 1, 2, 0, 1])
+  mask = jnp.array([1, 1, 1, 0, 0])
+  np.testing.assert_allclose(
+      collab_jax.collaborative_loss(logits, labels, mask=mask),
+      collab_jax.collaborative_loss(logits[:, :3], labels[:3]), rtol=1e-6)
+
+
+def test_label_smoothing_targets():
+  y = jax.nn.one_hot(jnp.array([1]), 4)
+  np.testing.assert_allclose(collab_jax.smooth_labels(y, 0.1),
+                             [[0.025, 0.925, 0.025, 0.025]], rtol=1e-6)
+
+
+def test_distillation_loss_matches_numpy_and_freezes_teacher():
+  rng = np.random.default_rng(3)
+  s = rng.normal(size=(4, 5))
+  t = rng.normal(size=(4, 5))
+  labels = rng.integers(0, 5, 4)
+  y = np.eye(5)[labels]
+  hard = -(y * _np_log_softmax(s)).sum(-1).mean()
+  soft = -(_np_softmax(t / 2) * _np_log_softmax(s / 2)).sum(-1).mean()
+  fn = lambda s_, t_: collab_jax.distillation_loss(s_, t_, labels, beta=0.5,
+                                                   temperature=2.0)
+  np.testing.assert_allclose(fn(jnp.asarray(s), jnp.asarray(t)),
+                             0.5 * hard + 0.5 * 4 * soft, rtol=1e-5)
+  g_teacher = jax.grad(fn, argnums=1)(jnp.asarray(s), jnp.asarray(t))
+  np.testing.assert_array_equal(g_teacher, 0.0)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(logits=jnp.zeros((4, 3)), labels=jnp.zeros(4, int)), r'\[heads, batch, classes\]'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(5, int)), 'batch size 5'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros((4, 7))), '7 classes'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(4)), 'integer class ids'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(4, int), beta=0.0), 'beta=0.0'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(4, int), beta=1.5), 'beta=1.5'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(4, int), temperature=0.0), 'temperature=0.0'),
+    (dict(logits=jnp.zeros((2, 4, 3)), labels=jnp.zeros(4, int), temperature=-1.0), 'temperature=-1.0'),
+])
+def test_bad_input_names_the_argument(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    collab_jax.collaborative_loss(**kwargs)
+
+
+def test_consensus_needs_two_heads():
+  with pytest.raises(ValueError, match='at least 2 heads'):
+    collab_jax.consensus_targets(jnp.zeros((1, 2, 3)), 2.0)
+
+
+def test_head_losses_breakdown_sums_to_total():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(4, 8, 10)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8))
+  parts = losses.collaborative_head_losses(logits, labels, beta=0.3, temperature=3.0)
+  assert parts['total'].shape == (4,)
+  np.testing.assert_allclose(parts['total'], 0.3 * parts['hard'] + 0.7 * parts['soft'], rtol=1e-6)
+  np.testing.assert_allclose(parts['total'].sum(), collab_jax.collaborative_loss(
+      logits, labels, beta=0.3, temperature=3.0), rtol=1e-6)

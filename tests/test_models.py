@@ -1,0 +1,52 @@
+"""Stage-list networks: parameter counts against the published ones."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import collab_jax
+from collab_jax import models
+
+
+def _params(name, num_classes, shape):
+  net = collab_jax.StageNetwork(models.get_stages(name, num_classes))
+  v = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros(shape)))
+  return sum(x.size for x in jax.tree.leaves(v['params']))
+
+
+@pytest.mark.parametrize('name,millions', [
+    # He et al. 2016, Table 6 (CIFAR-10): 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
+    ('cifar_resnet20', 0.27), ('cifar_resnet32', 0.46), ('cifar_resnet44', 0.66),
+    ('cifar_resnet56', 0.85), ('cifar_resnet110', 1.7),
+    # Huang et al. 2017, Table 2: DenseNet (L=40, k=12) 1.0M.
+    ('densenet40_12', 1.0),
+])
+def test_cifar_parameter_counts(name, millions):
+  assert _params(name, 10, (1, 32, 32, 3)) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+def test_resnet50_parameter_count():
+  # torchvision / He et al. ResNet-50: 25.6M parameters with 1000 classes.
+  assert _params('resnet50', 1000, (1, 64, 64, 3)) / 1e6 == pytest.approx(25.6, abs=0.1)
+
+
+@pytest.mark.parametrize('name,stages', [('cifar_resnet32', 3), ('densenet40_12', 3),
+                                         ('resnet50', 4)])
+def test_stage_counts_and_paper_splits(name, stages):
+  assert len(models.get_stages(name, 10)) == stages
+  for graph in ('single', 'h2_instances', 'h4_instances', 'h2_simple', 'h4_hierarchical'):
+    collab_jax.validate_splits(models.paper_splits(name, graph), stages)
+  assert models.paper_splits('resnet50', 'h4_hierarchical') == ((2, 2), (3, 2))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  net = collab_jax.HeadTree(models.get_stages('tiny_resnet', 10, dtype=jnp.bfloat16), ((1, 2),))
+  v = net.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v['params']))
+  assert net.apply(v, jnp.zeros((2, 8, 8, 3))).dtype == jnp.float32
+
+
+def test_bad_depth():
+  with pytest.raises(ValueError, match='6n \\+ 2'):
+    models.get_stages('cifar_resnet8', 10, width=0) if False else \
+        models.NETWORKS['cifar_resnet8'].func(33, 10)
