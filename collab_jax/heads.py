@@ -24,13 +24,11 @@ At each split the shared activation passes through `backprop_rescale(x, 1/b)`
 its own branch count, which is the natural generalisation of `1/H` to a tree.
 """
 
-import functools
 import math
 from typing import Any, Callable, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from collab_jax import rescale as rescale_lib
@@ -129,22 +127,46 @@ class StageNetwork(nn.Module):
     return x
 
 
-def _stacked(module_cls, branches):
-  """`module_cls` vmapped over branch axes `branches = (b_1, ..., b_i)`.
+class ScanSegment(nn.Module):
+  """`Segment` with the `(carry, x) -> (carry, y)` signature of `nn.scan`."""
+  stages: Sequence[StageFactory]
+  first_index: int
+  train: bool = False
 
-  The innermost map creates the new axis `b_i` (input not mapped: every branch
-  reads the same activation); the outer maps follow the axes that already
-  exist from earlier splits.
+  @nn.compact
+  def __call__(self, carry, x):
+    for offset, make_stage in enumerate(self.stages):
+      x = make_stage(name=f'stage_{self.first_index + offset}')(
+          x, train=self.train)
+    return carry, x
+
+
+_VARIABLE_AXES = {'params': 0, 'batch_stats': 0}
+_SPLIT_RNGS = {'params': True, 'dropout': True}
+
+
+def _stacked(branches, impl):
+  """A segment class mapped over branch axes `branches = (b_1, ..., b_i)`.
+
+  Both implementations keep the parameters stacked with leading axes
+  `[b_1, ..., b_i]`. The innermost map creates the new axis `b_i` (its input is
+  not mapped: every branch reads the same activation); the outer maps follow
+  the axes that already exist from earlier splits. 'vmap' batches the branches
+  into one computation; 'loop' runs them one after another (a fully unrolled
+  `nn.scan`, i.e. a Python loop over parameter slices).
   """
-  target = module_cls
+  if impl == 'vmap':
+    target = Segment
+    for depth, b in enumerate(reversed(branches)):
+      target = nn.vmap(target, in_axes=None if depth == 0 else 0, out_axes=0,
+                       axis_size=b, variable_axes=_VARIABLE_AXES,
+                       split_rngs=_SPLIT_RNGS)
+    return target
+  target = ScanSegment
   for depth, b in enumerate(reversed(branches)):
-    target = nn.vmap(
-        target,
-        in_axes=None if depth == 0 else 0,
-        out_axes=0,
-        axis_size=b,
-        variable_axes={'params': 0, 'batch_stats': 0},
-        split_rngs={'params': True, 'dropout': True})
+    target = nn.scan(target, in_axes=nn.broadcast if depth == 0 else 0,
+                     out_axes=0, length=b, unroll=b,
+                     variable_axes=_VARIABLE_AXES, split_rngs=_SPLIT_RNGS)
   return target
 
 
@@ -158,13 +180,15 @@ class HeadTree(nn.Module):
       'none' (no rescaling) or 'loss' (no rescaling here; the trainer divides
       the summed loss by H, see `loss_scale`), the ablations of Table 3.
     branch_impl: 'vmap' runs the branches of a level as one batched
-      computation over stacked parameters; 'loop' is a Python loop over
-      branches with separate parameters (same maths; kept for benchmarking).
+      computation; 'loop' runs them one after another. Same maths and the
+      same stacked parameter layout; which is faster depends on the backend
+      (on XLA:CPU, vmapped convolutions become slow grouped convolutions, so
+      'loop' is the default; see experiments/results/bench.md).
   """
   stages: Sequence[StageFactory]
   splits: Sequence[Tuple[int, int]] = ()
   rescale: str = 'backprop'
-  branch_impl: str = 'vmap'
+  branch_impl: str = 'loop'
 
   def __post_init__(self):
     validate_splits(self.splits, len(self.stages))
@@ -195,38 +219,25 @@ class HeadTree(nn.Module):
       end = bounds[level]
       if self.rescale == 'backprop':
         x = rescale_lib.backprop_rescale(x, 1.0 / b)
-      segment = functools.partial(Segment, stages[start:end], start, train)
+      level_module = _stacked(branches[:level], self.branch_impl)(
+          stages[start:end], start, train, name=f'level_{level}')
       if self.branch_impl == 'vmap':
-        x = _stacked(Segment, branches[:level])(
-            stages[start:end], start, train, name=f'level_{level}')(x)
+        x = level_module(x)
       else:
-        x = self._loop_level(segment, x, level, branches[:level])
+        _, x = level_module((), x)
 
     if not splits:
       return x[None]
     return x.reshape((-1,) + x.shape[len(splits):])
 
-  def _loop_level(self, segment, x, level, branches):
-    """Python loop over the branches of one level; separate modules each."""
-    lead = tuple(branches[:-1])
-    b = branches[-1]
-    flat = x.reshape((-1,) + x.shape[len(lead):]) if lead else x[None]
-    outs = []
-    for parent in range(flat.shape[0]):
-      for j in range(b):
-        outs.append(segment(name=f'level_{level}_{parent * b + j}')(flat[parent]))
-    out = jnp.stack(outs)
-    return out.reshape(tuple(branches) + out.shape[1:])
 
-
-def export_head(variables, splits, head: int = 0, branch_impl: str = 'vmap'):
+def export_head(variables, splits, head: int = 0):
   """Extracts head `head` (0-based) of a trained tree as target-network variables.
 
   Args:
     variables: the tree's variables, e.g. `{'params': ..., 'batch_stats': ...}`.
     splits: the tree's topology.
     head: 0-based head index (head 1 = 0).
-    branch_impl: the `branch_impl` the tree was built with.
 
   Returns:
     Variables for `StageNetwork(stages)` (`{'stage_0': ..., ...}` per
@@ -234,17 +245,11 @@ def export_head(variables, splits, head: int = 0, branch_impl: str = 'vmap'):
   """
   splits = tuple(tuple(s) for s in splits)
   path = head_path(head, splits)
-  branches = tuple(b for _, b in splits)
   out = {}
   for collection, tree in variables.items():
     merged = dict(tree.get('trunk', {}))
     for level in range(1, len(splits) + 1):
       prefix = path[:level]
-      if branch_impl == 'vmap':
-        level_vars = jax.tree.map(lambda a, p=prefix: a[p], tree[f'level_{level}'])
-      else:
-        flat = int(np.ravel_multi_index(prefix, branches[:level]))
-        level_vars = tree[f'level_{level}_{flat}']
-      merged.update(level_vars)
+      merged.update(jax.tree.map(lambda a, p=prefix: a[p], tree[f'level_{level}']))
     out[collection] = merged
   return out

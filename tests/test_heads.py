@@ -146,7 +146,7 @@ def test_export_reproduces_every_head(name, splits, impl):
   network = collab_jax.StageNetwork(stages)
   network_apply = jax.jit(network.apply)
   for head in range(collab_jax.num_heads(splits)):
-    exported = collab_jax.export_head(variables, splits, head, branch_impl=impl)
+    exported = collab_jax.export_head(variables, splits, head)
     # Exactly the plain network's variable structure ...
     plain = jax.eval_shape(lambda: _init(network, x.shape))
     assert jax.tree.structure(exported) == jax.tree.structure(plain)
@@ -173,22 +173,24 @@ def test_heads_own_their_batchnorm_statistics():
 
 
 def test_vmap_and_loop_compute_the_same_function():
+  """Both branch implementations share one parameter layout and one function."""
   stages = models.get_stages('tiny_resnet', 10)
   splits = ((1, 2), (2, 2))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
   tree_v = collab_jax.HeadTree(stages, splits, branch_impl='vmap')
-  variables = _trained_variables(tree_v, x)
-  # Re-lay the stacked parameters as the loop's separate modules.
-  looped = {}
-  for col, t in variables.items():
-    looped[col] = {'trunk': t['trunk']}
-    for k in range(2):
-      looped[col][f'level_1_{k}'] = jax.tree.map(lambda a: a[k], t['level_1'])
-    for k in range(4):
-      looped[col][f'level_2_{k}'] = jax.tree.map(lambda a: a[k // 2, k % 2], t['level_2'])
   tree_l = collab_jax.HeadTree(stages, splits, branch_impl='loop')
-  np.testing.assert_allclose(tree_l.apply(looped, x), tree_v.apply(variables, x),
+  variables = _trained_variables(tree_v, x)
+  assert (jax.tree.structure(variables) ==
+          jax.tree.structure(_init(tree_l, x.shape)))
+  np.testing.assert_allclose(jax.jit(tree_l.apply)(variables, x),
+                             jax.jit(tree_v.apply)(variables, x),
                              rtol=1e-5, atol=1e-5)
+  # The gradients agree too (one is a batched, one a sequential computation).
+  labels = jnp.arange(4)
+  g_v = _grads(tree_v, variables, x, labels)
+  g_l = _grads(tree_l, variables, x, labels)
+  for a, b in zip(jax.tree.leaves(g_v), jax.tree.leaves(g_l)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_head_path_row_major():

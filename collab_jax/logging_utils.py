@@ -1,0 +1,112 @@
+"""Run logs: JSON lines, TensorBoard event files and a console progress line."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars to `metrics.jsonl` and TensorBoard events in `workdir`.
+
+  Only process 0 writes; the others get a writer that does nothing.
+  """
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._events = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    try:  # TensorBoard's writer without importing TensorFlow.
+      from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+      self._events = event_file_writer.EventFileWriter(
+          os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      self._events = None
+
+  def write(self, step, scalars, kind='train'):
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    record = {'step': int(step), 'kind': kind, 'time': time.time(), **scalars}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._events is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+      values = [summary_pb2.Summary.Value(tag=f'{kind}/{k}', simple_value=v)
+                for k, v in scalars.items()]
+      self._events.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(step),
+          summary=summary_pb2.Summary(value=values)))
+      self._events.flush()
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._events:
+      self._events.close()
+
+
+class Progress:
+  """A one-line console progress bar: step, images/s, time left, loss."""
+
+  def __init__(self, total_steps, batch_size, start_step=0, enabled=True,
+               stream=sys.stderr):
+    self.total = total_steps
+    self.batch = batch_size
+    self.enabled = enabled
+    self.stream = stream
+    self.tty = stream.isatty()
+    self._t0 = time.time()
+    self._s0 = start_step
+    self._last = (self._t0, start_step)
+
+  def update(self, step, **info):
+    """Prints the line; `step` is the number of finished steps."""
+    if not self.enabled:
+      return
+    now = time.time()
+    last_t, last_s = self._last
+    rate = (step - last_s) * self.batch / max(now - last_t, 1e-9)
+    overall = (step - self._s0) / max(now - self._t0, 1e-9)
+    left = (self.total - step) / overall if overall > 0 else float('inf')
+    self._last = (now, step)
+    width = 24
+    filled = int(width * step / max(self.total, 1))
+    bar = '#' * filled + '.' * (width - filled)
+    extra = ' '.join(f'{k} {v:.4g}' for k, v in info.items())
+    line = (f'[{bar}] {step}/{self.total} {rate:7.1f} img/s '
+            f'left {_fmt_time(left)} {extra}')
+    if self.tty:
+      self.stream.write('\r' + line + '\x1b[K')
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def close(self):
+    if self.enabled and self.tty:
+      self.stream.write('\n')
+      self.stream.flush()
+
+
+def _fmt_time(seconds):
+  if not np.isfinite(seconds):
+    return '--:--'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+
+
+def write_json_atomic(path, obj):
+  """Writes JSON to `path` through a temporary file and a rename."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""Shared defaults and the standard training recipes the configs build on.
+
+`base_config()` lists every key with a comment; `configs/*.py` call one of the
+recipe functions here and change only what differs, so that every row of the
+paper's tables is trained by the same code with the same recipe.
+
+Recipes (the paper's supplement with its exact recipes is not available, so
+we use the standard published ones, as ../shared/PAPER.md Sec. 6 says):
+* CIFAR ResNets: He et al. 2016, Sec. 4.2. SGD momentum 0.9, batch 128,
+  lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations, weight decay
+  1e-4. On the full 50k training set that is 164 epochs with decays at epochs
+  82 and 123. ResNet-110 starts at lr 0.01 until training error < 80 % (about
+  400 iterations); we use a 1-epoch linear warm-up instead.
+* DenseNet-40-12: Huang et al. 2017, Sec. 4.2. Batch 64, 300 epochs, lr 0.1
+  divided by 10 at epochs 150 and 225, weight decay 1e-4, Nesterov momentum 0.9.
+* ImageNet ResNet-50: He et al. 2016 / Goyal et al. 2017. 90 epochs, batch 256
+  with lr 0.1 scaled linearly with the batch (lr = 0.1 * batch / 256), decayed
+  by 10 at epochs 30, 60 and 80, 5 warm-up epochs (Goyal et al.; harmless at
+  batch 256), weight decay 1e-4, last BatchNorm of each block zero-initialised.
+* Collaborative learning: T = 2, beta = 0.5 (paper Sec. 4).
+"""
+
+import ml_collections
+
+from collab_jax import models
+
+
+def base_config():
+  """Every key with its default; the offline Fashion-MNIST run."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                       # init, data order, augmentation
+  # Data.
+  c.dataset = 'fashion_mnist_local'  # fashion_mnist_local|fashion_mnist|cifar10|cifar100|imagenet2012
+  c.data_dir = ''                  # IDX dir (fashion_mnist_local) or tfds data_dir; '' = default
+  c.train_subset = 0               # >0: train on a fixed, class-balanced subset
+  c.subset_seed = 0                # chooses that subset (same for all runs)
+  c.label_noise = 0.0              # fraction of training labels corrupted (paper Sec. 3.4)
+  c.noise_seed = 0                 # chooses the corrupted set (same for all runs)
+  c.image_size = 224               # streamed ImageNet crop size
+  c.augment = True                 # random crop (pad, crop) + flip, on the device
+  c.augment_pad = 4
+  c.augment_flip = True
+  # Model: a stage-list network and its tree of heads.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cifar_resnet8'   # see collab_jax.models.NETWORKS
+  c.model.kwargs = ml_collections.ConfigDict({'width': 16})  # network hyper-parameters
+  c.model.splits = ((1, 2), (2, 2))  # ((stage_index, branches), ...); () = single model
+  c.model.rescale = 'backprop'     # backprop|none|loss (paper Table 3)
+  c.model.branch_impl = 'loop'     # loop (branches in sequence) | vmap (batched); see bench
+  c.model.dtype = 'float32'        # computation dtype; 'bfloat16' for mixed precision
+  # Method and loss.
+  c.method = 'collaborative'       # collaborative|label_smoothing|distillation|alternating
+  c.beta = 0.5                     # weight of the hard loss (paper: 0.5)
+  c.temperature = 2.0              # soft-loss temperature T (paper: 2)
+  c.label_smoothing = 0.0          # epsilon of method label_smoothing
+  c.consensus_gradient = False     # let gradients flow into the soft labels
+  c.distill = ml_collections.ConfigDict()
+  c.distill.num_teachers = 2       # size of the teacher ensemble (phase 1)
+  c.distill.teacher_workdir = ''   # a finished teacher run to reuse; '' = <workdir>/teachers
+  # Optimisation.
+  c.optimizer = 'sgd'
+  c.learning_rate = 0.1
+  c.lr_scaling_batch = 0           # >0: lr *= batch_size / lr_scaling_batch
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 1e-4            # L2 on conv/dense kernels, as in individual training
+  c.lr_schedule = 'cosine'         # step|cosine|constant
+  c.lr_decay_epochs = ()           # step schedule: epochs at which lr *= lr_decay_factor
+  c.lr_decay_factor = 0.1
+  c.warmup_epochs = 0.0
+  c.batch_size = 128               # global batch over all devices and processes
+  c.eval_batch_size = 512
+  c.num_epochs = 6.0
+  c.num_train_steps = -1           # >0 overrides num_epochs
+  # Bookkeeping.
+  c.eval_every_epochs = 1.0        # 0 = only at the end
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.halt_after_steps = -1          # >0: checkpoint and stop after this step (resumable)
+  c.max_nonfinite_streak = 20      # stop after this many consecutive skipped updates
+  c.allow_config_change = False    # continue a workdir made by a different config
+  c.progress = True                # console progress line
+  return c
+
+
+GRAPHS = ('single', 'label_smoothing', 'h2_instances', 'h4_instances',
+          'h2_simple', 'h4_simple', 'h4_hierarchical')
+
+
+def _apply_graph(c, graph):
+  """Topology (and method) of one training graph of the paper's tables."""
+  if graph == 'label_smoothing':
+    c.method = 'label_smoothing'
+    c.model.splits = ()
+  else:
+    c.model.splits = models.paper_splits(c.model.name, graph)
+  return c
+
+
+def cifar(dataset, network, graph, **overrides):
+  """CIFAR-10/100 with a CIFAR ResNet or DenseNet-40-12 (recipes above)."""
+  c = base_config()
+  c.dataset = dataset
+  c.model.name = network
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.lr_schedule = 'step'
+  c.eval_every_epochs = 5.0
+  c.checkpoint_every_steps = 2000
+  if network.startswith('densenet'):
+    c.batch_size = 64
+    c.num_epochs = 300.0
+    c.lr_decay_epochs = (150, 225)
+    c.nesterov = True
+  else:
+    c.num_epochs = 164.0
+    c.lr_decay_epochs = (82, 123)
+    if network == 'cifar_resnet110':
+      c.warmup_epochs = 1.0
+  c.label_smoothing = 0.05  # used by the label_smoothing graph (paper Table 1)
+  _apply_graph(c, graph)
+  c.update_from_flattened_dict(overrides) if overrides else None
+  return c
+
+
+def imagenet(graph, **overrides):
+  """ImageNet ResNet-50 (recipe above)."""
+  c = base_config()
+  c.dataset = 'imagenet2012'
+  c.model.name = 'resnet50'
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.augment = False  # done by the tf.data pipeline (random resized crop)
+  c.batch_size = 256
+  c.eval_batch_size = 256
+  c.lr_scaling_batch = 256
+  c.lr_schedule = 'step'
+  c.lr_decay_epochs = (30, 60, 80)
+  c.warmup_epochs = 5.0
+  c.num_epochs = 90.0
+  c.eval_every_epochs = 10.0
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  c.label_smoothing = 0.1  # used by the label_smoothing graph (paper Table 4)
+  if graph == 'distillation':
+    c.method = 'distillation'
+    c.model.splits = ()
+  else:
+    _apply_graph(c, graph)
+  c.update_from_flattened_dict(overrides) if overrides else None
+  return c

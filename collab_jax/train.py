@@ -1,0 +1,857 @@
+"""Training and evaluation: config -> model -> state -> step -> metrics.
+
+Top-level functions in the manner of the Flax ImageNet example:
+`create_model`, `create_learning_rate_fn`, `create_optimizer`,
+`create_train_state`, `train_step`, `eval_step`, `train_and_evaluate`.
+
+Parallelism: one `jax.jit` over a 1-D device `Mesh` with axis `data` spanning
+every device of every process. The batch is sharded on `data`, the train state
+is replicated, the state buffers are donated. BatchNorm statistics are those of
+the global batch (XLA inserts the reductions), i.e. synchronised BatchNorm.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from collab_jax import heads as heads_lib
+from collab_jax import input_pipeline
+from collab_jax import logging_utils
+from collab_jax import losses
+from collab_jax import models
+
+METHODS = ('collaborative', 'label_smoothing', 'distillation', 'alternating')
+STREAMING_DATASETS = ('imagenet2012',)
+# Keys that may change between a run and its resumption without changing what
+# is computed (logging, checkpoint cadence, where data lives, when to stop).
+RESUMABLE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                  'data_dir', 'halt_after_steps', 'progress', 'allow_config_change',
+                  'eval_every_epochs', 'max_nonfinite_streak', 'distill.teacher_workdir')
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the key and the fix."""
+
+
+class WorkdirError(ValueError):
+  """The workdir belongs to another run; the message says what to do."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced too many consecutive non-finite losses or gradients."""
+
+
+# ----------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def create_model(config, num_classes):
+  """The head tree of `config.model` for `num_classes` classes."""
+  m = config.model
+  stages = models.get_stages(m.name, num_classes, dtype=m.dtype,
+                             **dict(m.get('kwargs', {})))
+  return heads_lib.HeadTree(stages, tuple(tuple(s) for s in m.splits),
+                            rescale=m.rescale, branch_impl=m.branch_impl)
+
+
+def create_learning_rate_fn(config, steps_per_epoch):
+  """Learning rate per step: linear warm-up, then step decay or cosine."""
+  base = config.learning_rate
+  if config.get('lr_scaling_batch', 0):
+    base = base * config.batch_size / config.lr_scaling_batch
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  total = total_steps(config, steps_per_epoch)
+  if config.lr_schedule == 'step':
+    boundaries = {int(round(e * steps_per_epoch)): config.lr_decay_factor
+                  for e in config.lr_decay_epochs}
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  elif config.lr_schedule == 'cosine':
+    main = optax.cosine_decay_schedule(base, max(total - warmup, 1))
+  elif config.lr_schedule == 'constant':
+    main = optax.constant_schedule(base)
+  else:
+    raise ConfigError(
+        f'lr_schedule={config.lr_schedule!r} is not one of step, cosine, '
+        'constant.')
+  if not warmup:
+    return main
+  if config.lr_schedule == 'step':  # decay boundaries count from step 0
+    ramp = optax.linear_schedule(base / max(warmup, 1), base, warmup)
+    return lambda step: jnp.where(step < warmup, ramp(step), main(step))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on convolution and dense kernels only (not BN, not biases)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def create_optimizer(config, lr_fn):
+  """SGD with momentum and L2 weight decay added to the gradient.
+
+  Weight decay is coupled (added to the gradient before momentum, like
+  `torch.optim.SGD(weight_decay=...)` and the paper's TensorFlow L2 term), so
+  every head's own layers see exactly the update of individual training.
+  """
+  if config.optimizer != 'sgd':
+    raise ConfigError(f"optimizer={config.optimizer!r}: only 'sgd' is supported.")
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+      optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  # Consecutive and total updates skipped for a non-finite loss or gradient.
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+def create_train_state(rng, config, model, image_shape, tx):
+  """Initial parameters, BatchNorm statistics and optimizer state."""
+  dummy = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  params = variables['params']
+  if config.method == 'alternating':
+    opt_state = jax.vmap(tx.init)(params['level_1'])  # one per head
+  else:
+    opt_state = tx.init(params)
+  # Separate buffers: they are donated to the train step one by one.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return TrainState(step=zero(), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=opt_state, nonfinite_streak=zero(),
+                    nonfinite_total=zero())
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+
+
+def preprocess(rng, images, config, data_stats, train):
+  """uint8 images -> augmented (train) and normalised float images."""
+  if images.dtype != jnp.uint8:  # streamed data arrives preprocessed
+    return images.astype(jnp.float32)
+  if train and config.augment:
+    images = input_pipeline.augment(rng, images, pad=config.augment_pad,
+                                    flip=config.augment_flip)
+  return input_pipeline.normalize(images, data_stats['mean'], data_stats['std'])
+
+
+def _pair(total, count):
+  return jnp.stack([jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)])
+
+
+def _head_metrics(logits, labels, parts, loss):
+  """Train metrics as (sum, count) pairs; head 1 is index 0."""
+  metrics = {'loss': _pair(loss, 1)}
+  errors = jnp.sum(jnp.argmax(logits, -1) != labels[None], axis=1)
+  batch = labels.shape[0]
+  for h in range(logits.shape[0]):
+    metrics[f'head_{h + 1}/hard'] = _pair(parts['hard'][h], 1)
+    metrics[f'head_{h + 1}/soft'] = _pair(parts['soft'][h], 1)
+    metrics[f'head_{h + 1}/error'] = _pair(100.0 * errors[h], batch)
+  return metrics
+
+
+def _loss_terms(logits, labels, config, teacher_logits=None):
+  """The method's per-head loss terms `{'hard', 'soft', 'total'}` ([H] each)."""
+  smoothing = config.label_smoothing if config.method == 'label_smoothing' else 0.0
+  if config.method == 'distillation':
+    hard = losses.cross_entropy(logits[0], labels)
+    total = losses.distillation_loss(logits[0], teacher_logits, labels,
+                                     beta=config.beta,
+                                     temperature=config.temperature)
+    soft = (total - config.beta * hard) / (1.0 - config.beta)
+    return {'hard': hard[None], 'soft': soft[None], 'total': total[None]}
+  return losses.collaborative_head_losses(
+      logits, labels, beta=config.beta, temperature=config.temperature,
+      label_smoothing=smoothing, consensus_gradient=config.consensus_gradient)
+
+
+def _guarded_update(state, new_state, loss, grads):
+  """Applies `new_state` only if the loss and all gradients are finite."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  skipped = jnp.logical_not(finite).astype(jnp.int32)
+  return state.replace(
+      step=state.step + 1,
+      params=keep(new_state.params, state.params),
+      batch_stats=keep(new_state.batch_stats, state.batch_stats),
+      opt_state=keep(new_state.opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + skipped), skipped
+
+
+def train_step(state, batch, teacher_vars=None, *, model, tx, config,
+               data_stats, teacher_apply=None):
+  """One simultaneous optimizer step on all parameters (paper Sec. 3.2).
+
+  Args:
+    state: the replicated `TrainState` (donated).
+    batch: {'image': [B, ...], 'label': int [B]}, sharded over `data`.
+    teacher_vars: variables of the frozen teacher ensemble (distillation).
+    model: the `HeadTree`.
+    tx: the optax optimizer.
+    config: the run config (static).
+    data_stats: {'mean', 'std'} of the training images.
+    teacher_apply: `teacher_apply(teacher_vars, images) -> [N, B, C]`.
+
+  Returns:
+    The new state and a dict of (sum, count) metric pairs.
+  """
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  images = preprocess(rng, batch['image'], config, data_stats, train=True)
+  labels = batch['label']
+  heads = model.num_heads
+  teacher_logits = None
+  if teacher_apply is not None:
+    teacher_logits = jnp.mean(teacher_apply(teacher_vars, images), axis=0)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+
+  def loss_fn(params):
+    logits, new_vars = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, mutable=['batch_stats'])
+    parts = _loss_terms(logits, labels, config, teacher_logits)
+    loss = jnp.sum(parts['total']) * heads_lib.loss_scale(model.rescale, heads)
+    return loss, (logits, parts, new_vars['batch_stats'])
+
+  (loss, (logits, parts, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state, skipped = _guarded_update(
+      state, state.replace(params=params, batch_stats=batch_stats,
+                           opt_state=opt_state), loss, grads)
+  metrics = _head_metrics(logits, labels, parts, loss)
+  metrics['nonfinite_skipped'] = _pair(skipped, 1)
+  return new_state, metrics
+
+
+def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
+                           config, data_stats):
+  """Deep Mutual Learning (Zhang et al. 2017): heads updated one after another.
+
+  The tree must be `H` separate instances (`splits = ((0, H),)`). Head `h`'s
+  update uses the logits of the other heads computed *after* heads `< h` were
+  updated in this step, and its own optimizer state (`opt_state` is stacked
+  per head). The loss of head `h` is the paper's `L_h` with its consensus.
+  """
+  del teacher_vars
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  images = preprocess(rng, batch['image'], config, data_stats, train=True)
+  labels = batch['label']
+  heads = model.num_heads
+  params, batch_stats, opt_state = state.params, state.batch_stats, state.opt_state
+  all_finite = jnp.array(True)
+  hard, soft, total = [], [], []
+  logits = None
+  for h in range(heads):
+    def loss_fn(head_params, h=h):
+      level = jax.tree.map(lambda a, p: a.at[h].set(p), params['level_1'],
+                           head_params)
+      logits, new_vars = model.apply(
+          {'params': {**params, 'level_1': level}, 'batch_stats': batch_stats},
+          images, train=True, mutable=['batch_stats'])
+      parts = _loss_terms(logits, labels, config)
+      return parts['total'][h], (logits, parts, new_vars['batch_stats'])
+
+    head_params = jax.tree.map(lambda a, h=h: a[h], params['level_1'])
+    (loss_h, (logits, parts, new_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(head_params)
+    head_opt = jax.tree.map(lambda a, h=h: a[h], opt_state)
+    updates, head_opt = tx.update(grads, head_opt, head_params)
+    head_params = optax.apply_updates(head_params, updates)
+    finite = jnp.isfinite(loss_h) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    all_finite &= finite
+    put = lambda stacked, new, h=h: jax.tree.map(
+        lambda a, n: a.at[h].set(jnp.where(finite, n, a[h])), stacked, new)
+    params = {**params, 'level_1': put(params['level_1'], head_params)}
+    opt_state = put(opt_state, head_opt)
+    if batch_stats:
+      batch_stats = {**batch_stats, 'level_1': put(
+          batch_stats['level_1'],
+          jax.tree.map(lambda a, h=h: a[h], new_stats['level_1']))}
+    hard.append(parts['hard'][h])
+    soft.append(parts['soft'][h])
+    total.append(parts['total'][h])
+  parts = {'hard': jnp.stack(hard), 'soft': jnp.stack(soft),
+           'total': jnp.stack(total)}
+  loss = jnp.sum(parts['total'])
+  skipped = jnp.logical_not(all_finite).astype(jnp.int32)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats,
+      opt_state=opt_state,
+      nonfinite_streak=jnp.where(all_finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + skipped)
+  metrics = _head_metrics(logits, labels, parts, loss)
+  metrics['nonfinite_skipped'] = _pair(skipped, 1)
+  return new_state, metrics
+
+
+def eval_step(state, batch, *, model, config, data_stats):
+  """Test metrics as (sum, count) pairs: every head, and the ensemble."""
+  images = preprocess(None, batch['image'], config, data_stats, train=False)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       images, train=False)
+  labels, mask = batch['label'], batch['mask']
+  count = jnp.sum(mask)
+  wrong = (jnp.argmax(logits, -1) != labels[None]) * mask[None]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  nll = -jnp.take_along_axis(logp, labels[None, :, None], -1)[..., 0] * mask[None]
+  metrics = {}
+  for h in range(logits.shape[0]):
+    metrics[f'head_{h + 1}/error'] = _pair(100.0 * jnp.sum(wrong[h]), count)
+    metrics[f'head_{h + 1}/loss'] = _pair(jnp.sum(nll[h]), count)
+  ensemble = jnp.mean(logits, axis=0)
+  metrics['ensemble/error'] = _pair(
+      100.0 * jnp.sum((jnp.argmax(ensemble, -1) != labels) * mask), count)
+  return metrics
+
+
+def reduce_metrics(pairs):
+  """{name: [sum, count]} -> {name: sum / count} on the host."""
+  pairs = jax.device_get(pairs)
+  return {k: float(v[0] / max(v[1], 1e-12)) for k, v in pairs.items()}
+
+
+def _accumulate(acc, metrics):
+  return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+
+
+# ----------------------------------------------------------------------------
+# Configuration checks and the workdir.
+
+
+def total_steps(config, steps_per_epoch):
+  if config.num_train_steps and config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def validate_config(config):
+  """Raises ConfigError (one line) for values that cannot work."""
+  def bad(key, msg):
+    raise ConfigError(f'config.{key}: {msg}')
+  if config.method not in METHODS:
+    bad('method', f'{config.method!r} is unknown; choose one of {", ".join(METHODS)}.')
+  if not 0.0 < config.beta <= 1.0:
+    bad('beta', f'{config.beta} is outside (0, 1]; the paper uses 0.5.')
+  if not config.temperature > 0:
+    bad('temperature', f'{config.temperature} must be > 0; the paper uses 2.')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    bad('label_smoothing', f'{config.label_smoothing} must be in [0, 1).')
+  if config.method == 'label_smoothing' and not config.label_smoothing > 0:
+    bad('label_smoothing', "method 'label_smoothing' needs an epsilon > 0, "
+        'e.g. --config.label_smoothing=0.05.')
+  if not 0.0 <= config.label_noise < 1.0:
+    bad('label_noise', f'{config.label_noise} must be a fraction in [0, 1).')
+  if config.batch_size <= 0:
+    bad('batch_size', f'{config.batch_size} must be positive.')
+  if config.num_epochs <= 0 and not config.num_train_steps > 0:
+    bad('num_epochs', 'set num_epochs > 0 or num_train_steps > 0.')
+  if config.learning_rate <= 0:
+    bad('learning_rate', f'{config.learning_rate} must be positive.')
+  if config.weight_decay < 0:
+    bad('weight_decay', f'{config.weight_decay} must be >= 0.')
+  if config.model.rescale not in heads_lib.RESCALE_MODES:
+    bad('model.rescale', f'{config.model.rescale!r} is not one of '
+        f'{", ".join(heads_lib.RESCALE_MODES)}.')
+  if config.model.branch_impl not in heads_lib.BRANCH_IMPLS:
+    bad('model.branch_impl', f'{config.model.branch_impl!r} is not one of '
+        f'{", ".join(heads_lib.BRANCH_IMPLS)}.')
+  if config.model.name not in models.NETWORKS:
+    bad('model.name', f'{config.model.name!r} is unknown; choose one of '
+        f'{", ".join(sorted(models.NETWORKS))}.')
+  try:
+    num_stages = len(models.get_stages(config.model.name, 2,
+                                       **dict(config.model.get('kwargs', {}))))
+    splits = heads_lib.validate_splits(config.model.splits, num_stages)
+  except ValueError as e:
+    raise ConfigError(f'config.model.splits: {e}') from None
+  heads = heads_lib.num_heads(splits)
+  if config.method == 'alternating' and (len(splits) != 1 or splits[0][0] != 0):
+    bad('model.splits', "method 'alternating' (Deep Mutual Learning) trains "
+        f'separate networks: use splits ((0, H),), got {splits}.')
+  if config.method == 'distillation':
+    if splits:
+      bad('model.splits', "method 'distillation' trains one student: use "
+          f'splits (), got {splits}.')
+    if config.beta >= 1.0:
+      bad('beta', 'distillation needs beta < 1 (beta = 1 ignores the teacher).')
+    if config.distill.num_teachers < 1:
+      bad('distill.num_teachers', 'needs at least one teacher.')
+  if config.method in ('collaborative',) and heads == 1 and config.label_smoothing:
+    pass  # plain smoothed single model is allowed
+  n_dev = jax.device_count()
+  if config.batch_size % n_dev:
+    bad('batch_size', f'{config.batch_size} does not divide over {n_dev} '
+        f'devices: use a multiple of {n_dev}.')
+  if config.eval_batch_size % n_dev:
+    bad('eval_batch_size', f'{config.eval_batch_size} does not divide over '
+        f'{n_dev} devices: use a multiple of {n_dev}.')
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _config_record(config):
+  return json.loads(config.to_json_best_effort())
+
+
+def check_workdir(config, workdir):
+  """Refuses a workdir made by a different config (unless allowed)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      old = _flatten(json.load(f))
+    except json.JSONDecodeError:
+      raise WorkdirError(f'{path} is not valid JSON: repair or remove it.') from None
+  new = _flatten(_config_record(config))
+  diff = sorted(k for k in set(old) | set(new)
+                if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+  if diff and not config.allow_config_change:
+    shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:4])
+    raise WorkdirError(
+        f'workdir {workdir} was made by a different config ({shown}'
+        f'{" ..." if len(diff) > 4 else ""}); use a new --workdir, or pass '
+        '--config.allow_config_change=True to continue it anyway.')
+
+
+# ----------------------------------------------------------------------------
+# Data sources.
+
+
+@dataclasses.dataclass
+class DataSource:
+  """What the loop needs from the data: shapes, statistics and batches."""
+  num_train: int
+  num_classes: int
+  image_shape: tuple
+  stats: dict
+  train_batch: Callable[[int], dict]      # step -> process-local batch
+  eval_batches: Callable[[], Any]         # -> iterator of process-local batches
+
+
+def create_data_source(config, start_step):
+  """Loads the dataset of `config.dataset` for this process."""
+  p_idx, p_cnt = jax.process_index(), jax.process_count()
+  data_dir = config.data_dir or None
+  if config.dataset in STREAMING_DATASETS:
+    tfds = input_pipeline._tfds()  # pylint: disable=protected-access
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    num_train = builder.info.splits['train'].num_examples
+    it = input_pipeline.imagenet_iterator(
+        'train', global_batch=config.batch_size, process_index=p_idx,
+        process_count=p_cnt, seed=config.seed, image_size=config.image_size,
+        data_dir=data_dir, start_step=start_step)
+    if config.label_noise:
+      raise ConfigError('config.label_noise: not supported for streamed '
+                        f'{config.dataset}; use an in-memory dataset.')
+    def train_batch(step):
+      del step  # the stream is positioned at start_step already
+      return next(it)
+    def eval_batches():
+      return input_pipeline.imagenet_iterator(
+          'validation', global_batch=config.eval_batch_size,
+          process_index=p_idx, process_count=p_cnt, seed=config.seed,
+          image_size=config.image_size, data_dir=data_dir)
+    return DataSource(num_train, builder.info.features['label'].num_classes,
+                      (config.image_size, config.image_size, 3),
+                      {'mean': input_pipeline.IMAGENET_MEAN,
+                       'std': input_pipeline.IMAGENET_STD},
+                      train_batch, eval_batches)
+
+  ds = input_pipeline.load_dataset(
+      config.dataset, data_dir=data_dir, train_subset=config.train_subset,
+      subset_seed=config.subset_seed)
+  noise = input_pipeline.LabelNoise(ds.num_train, ds.num_classes,
+                                    config.label_noise, config.noise_seed)
+  per_epoch = input_pipeline.steps_per_epoch(ds.num_train, config.batch_size)
+
+  def train_batch(step):
+    idx = input_pipeline.train_indices(step, num_examples=ds.num_train,
+                                       global_batch=config.batch_size,
+                                       seed=config.seed)
+    idx = input_pipeline.process_slice(idx, p_idx, p_cnt)
+    labels = noise.labels(idx, ds.train_labels[idx], step // per_epoch)
+    return {'image': ds.train_images[idx], 'label': labels}
+
+  def eval_batches():
+    for b in input_pipeline.eval_batches(ds.test_images, ds.test_labels,
+                                         config.eval_batch_size):
+      yield {k: input_pipeline.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
+
+  return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
+                    {'mean': ds.mean, 'std': ds.std}, train_batch, eval_batches)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _checkpoint_manager(workdir, config):
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True))
+
+
+def restore_latest(manager, abstract_state):
+  """Restores the newest readable checkpoint; falls back past corrupt ones.
+
+  Returns:
+    (state or None, step restored or None). Unreadable checkpoints are
+    reported and left on disk.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      return state, step
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('checkpoint at step %d is unreadable (%s: %s); trying '
+                      'the previous one.', step, type(e).__name__,
+                      str(e).splitlines()[0][:200] if str(e) else '')
+      print(f'warning: checkpoint at step {step} is unreadable; falling back '
+            'to the previous one (it is left on disk).', flush=True)
+  return None, None
+
+
+def export_variables(state, splits, head=0):
+  """Head `head` of the trained tree as plain target-network variables."""
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return heads_lib.export_head(jax.device_get(variables), splits, head)
+
+
+def load_run_variables(workdir, config, num_classes, image_shape):
+  """Variables of the latest checkpoint of a finished run in `workdir`."""
+  model = create_model(config, num_classes)
+  tx = create_optimizer(config, lambda s: 0.0)
+  abstract = jax.eval_shape(
+      lambda: create_train_state(jax.random.key(0), config, model, image_shape, tx))
+  with _checkpoint_manager(workdir, config) as manager:
+    state, step = restore_latest(manager, abstract)
+  if state is None:
+    raise ConfigError(f'no readable checkpoint in {workdir}/checkpoints.')
+  return model, {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT into a flag checked between steps."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # second Ctrl-C: stop at once
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _compiled_stats(compiled):
+  """FLOPs and memory of a compiled step, where the backend reports them."""
+  out = {}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and 'flops' in cost:
+      out['flops_per_step'] = float(cost['flops'])
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      for k in ('temp_size_in_bytes', 'argument_size_in_bytes',
+                'output_size_in_bytes', 'generated_code_size_in_bytes'):
+        out[k] = int(getattr(mem, k, 0))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def _peak_memory_bytes():
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def _teacher_for(config, workdir, data):
+  """Phase 1 of distillation: the teacher ensemble (trained here if needed)."""
+  teacher_cfg = ml_collections.ConfigDict(config.to_dict())
+  teacher_cfg.method = 'collaborative'
+  teacher_cfg.beta = 1.0  # independent networks: hard loss only
+  teacher_cfg.model.splits = ((0, config.distill.num_teachers),)
+  teacher_dir = config.distill.teacher_workdir or os.path.join(workdir, 'teachers')
+  if not os.path.exists(os.path.join(teacher_dir, 'results.json')):
+    print(f'distillation phase 1/2: training an ensemble of '
+          f'{config.distill.num_teachers} teachers in {teacher_dir}', flush=True)
+    train_and_evaluate(teacher_cfg, teacher_dir)
+  else:
+    print(f'distillation phase 1/2: teachers already trained in {teacher_dir}',
+          flush=True)
+  model, variables = load_run_variables(teacher_dir, teacher_cfg,
+                                        data.num_classes, data.image_shape)
+  with open(os.path.join(teacher_dir, 'results.json')) as f:
+    teacher_results = json.load(f)
+  apply = functools.partial(model.apply, train=False)
+  print('distillation phase 2/2: training the student against the teachers\' '
+        'mean logits', flush=True)
+  return (apply, variables), teacher_results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains the head tree of `config` in `workdir`, resuming if possible.
+
+  Args:
+    config: the run config (see configs/default.py).
+    workdir: directory for checkpoints, logs, results and the exported head.
+
+  Returns:
+    The results dict also written to `workdir/results.json` (head 1's test
+    error is the headline), or None when the run stopped early (signal or
+    `halt_after_steps`) with a checkpoint to resume from.
+  """
+  validate_config(config)
+  is_main = jax.process_index() == 0
+  results_path = os.path.join(workdir, 'results.json')
+  check_workdir(config, workdir)
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    print(f'{workdir} already finished: head 1 test error '
+          f'{results["head_1_test_error"]:.2f}% (nothing to do).', flush=True)
+    return results
+  os.makedirs(workdir, exist_ok=True)
+
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+
+  # The data source needs the start step (streams skip to it); read it from
+  # the checkpoint directory before restoring.
+  manager = _checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  data = create_data_source(config, latest or 0)
+  steps_per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
+  num_steps = total_steps(config, steps_per_epoch)
+
+  teacher_apply, teacher_vars, teacher_results = None, {}, None
+  if config.method == 'distillation':
+    (teacher_apply, teacher_vars), teacher_results = _teacher_for(
+        config, workdir, data)
+    teacher_vars = jax.device_put(teacher_vars, replicated)
+
+  model = create_model(config, data.num_classes)
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+  tx = create_optimizer(config, lr_fn)
+  init = functools.partial(create_train_state, jax.random.key(config.seed),
+                           config, model, data.image_shape, tx)
+  abstract_state = jax.eval_shape(init)
+  state, restored_step = restore_latest(manager, abstract_state)
+  if state is None:
+    state = init()
+    if is_main:
+      logging_utils.write_json_atomic(os.path.join(workdir, 'config.json'),
+                                      _config_record(config))
+  else:
+    print(f'resuming from the checkpoint at step {restored_step}', flush=True)
+    if restored_step != latest:  # fell back: the stream must start there
+      data = create_data_source(config, restored_step)
+  state = jax.device_put(state, replicated)
+  start_step = int(state.step)
+
+  stats = {k: tuple(float(x) for x in v) for k, v in data.stats.items()}
+  step_impl = alternating_train_step if config.method == 'alternating' else train_step
+  step_kwargs = dict(model=model, tx=tx, config=config, data_stats=stats)
+  if teacher_apply is not None:
+    step_kwargs['teacher_apply'] = teacher_apply
+  jit_train = jax.jit(functools.partial(step_impl, **step_kwargs),
+                      in_shardings=(replicated, data_sharding, replicated),
+                      out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))
+  jit_eval = jax.jit(functools.partial(eval_step, model=model, config=config,
+                                       data_stats=stats),
+                     in_shardings=(replicated, data_sharding),
+                     out_shardings=replicated)
+
+  def to_global(local):
+    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+  def evaluate(state):
+    acc = None
+    for local in data.eval_batches():
+      acc = _accumulate(acc, jit_eval(state, to_global(local)))
+    return reduce_metrics(acc)
+
+  writer = logging_utils.MetricWriter(workdir, enabled=is_main)
+  first = to_global(data.train_batch(start_step))
+  t_compile = time.time()
+  compiled = jit_train.lower(state, first, teacher_vars).compile()
+  compile_s = time.time() - t_compile
+  program = _compiled_stats(compiled)
+  run_info = {'devices': jax.device_count(), 'processes': jax.process_count(),
+              'platform': jax.devices()[0].platform,
+              'device_kind': jax.devices()[0].device_kind,
+              'global_batch': config.batch_size, 'heads': model.num_heads,
+              'steps_per_epoch': steps_per_epoch, 'num_train_steps': num_steps,
+              'train_examples': data.num_train, 'compile_s': compile_s, **program}
+  if is_main:
+    logging_utils.write_json_atomic(os.path.join(workdir, 'run_info.json'), run_info)
+    print(f'collab_jax: {config.model.name} splits={tuple(config.model.splits)} '
+          f'({model.num_heads} heads), method={config.method}, '
+          f'{jax.device_count()} {run_info["platform"]} device(s) in '
+          f'{jax.process_count()} process(es), global batch {config.batch_size}, '
+          f'{num_steps} steps ({steps_per_epoch}/epoch), start at step '
+          f'{start_step}', flush=True)
+
+  progress = logging_utils.Progress(num_steps, config.batch_size, start_step,
+                                    enabled=is_main and config.progress)
+  acc, batch = None, first
+  stop_reason = None
+  step_times = []
+  t_last, s_last = time.time(), start_step
+  t_train = time.time()
+  eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch))) \
+      if config.eval_every_epochs > 0 else None
+  with _StopSignal() as stop, manager:
+    step = start_step
+    while step < num_steps:
+      state, metrics = compiled(state, batch, teacher_vars)
+      acc = _accumulate(acc, metrics)
+      step += 1
+      if step < num_steps:
+        batch = to_global(data.train_batch(step))  # overlaps the running step
+      is_log = step % config.log_every_steps == 0 or step == num_steps
+      if is_log:
+        summary = reduce_metrics(acc)
+        acc = None
+        now = time.time()
+        step_time = (now - t_last) / max(step - s_last, 1)
+        step_times.append(step_time)
+        t_last, s_last = now, step
+        summary['lr'] = float(lr_fn(step - 1))
+        summary['step_time_s'] = step_time
+        summary['images_per_s'] = config.batch_size / step_time
+        summary['epoch'] = step / steps_per_epoch
+        writer.write(step, summary, 'train')
+        progress.update(step, loss=summary['loss'],
+                        err1=summary['head_1/error'])
+        streak = int(state.nonfinite_streak)
+        if streak >= config.max_nonfinite_streak:
+          manager.wait_until_finished()
+          progress.close()
+          raise NonFiniteError(
+              f'{streak} consecutive steps had a non-finite loss or gradient '
+              f'(up to step {step}); their updates were skipped and the last '
+              'good checkpoint is intact. Lower --config.learning_rate or '
+              'check the data.')
+      if eval_every and step % eval_every == 0 and step < num_steps:
+        ev = evaluate(state)
+        writer.write(step, ev, 'eval')
+      if step % config.checkpoint_every_steps == 0 or step == num_steps:
+        manager.save(step, args=ocp.args.StandardSave(state))
+      if stop.received or (config.halt_after_steps > 0 and
+                           step >= config.halt_after_steps and step < num_steps):
+        stop_reason = stop.received or f'halt_after_steps={config.halt_after_steps}'
+        if manager.latest_step() != step:
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        break
+    manager.wait_until_finished()
+  progress.close()
+  train_s = time.time() - t_train
+
+  if stop_reason is not None:
+    print(f'stopped at step {step} ({stop_reason}); checkpoint saved. Rerun '
+          'the same command to resume.', flush=True)
+    writer.close()
+    return None
+
+  final = evaluate(state)
+  writer.write(num_steps, final, 'eval')
+  heads = model.num_heads
+  results = {
+      'head_1_test_error': final['head_1/error'],
+      'head_test_errors': [final[f'head_{h + 1}/error'] for h in range(heads)],
+      'ensemble_test_error': final['ensemble/error'],
+      'head_1_test_loss': final['head_1/loss'],
+      'steps': num_steps,
+      'epochs': num_steps / steps_per_epoch,
+      'nonfinite_skipped': int(state.nonfinite_total),
+      'train_time_s_this_session': train_s,
+      'median_step_time_s': float(np.median(step_times)) if step_times else None,
+      'peak_memory_bytes': _peak_memory_bytes(),
+      **run_info,
+  }
+  if teacher_results is not None:
+    results['teacher_test_errors'] = teacher_results['head_test_errors']
+    results['teacher_ensemble_test_error'] = teacher_results['ensemble_test_error']
+  if is_main:
+    export_dir = os.path.abspath(os.path.join(workdir, 'export', 'head_1'))
+    if not os.path.exists(export_dir):
+      exported = export_variables(state, tuple(tuple(s) for s in config.model.splits),
+                                  0)
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(export_dir, exported)
+    logging_utils.write_json_atomic(results_path, results)
+  writer.write(num_steps, {'head_1_test_error': results['head_1_test_error']}, 'final')
+  writer.close()
+  print(f'done: head 1 test error {results["head_1_test_error"]:.2f}% '
+        f'(heads: {", ".join(f"{e:.2f}" for e in results["head_test_errors"])}; '
+        f'ensemble of heads, for reference only: '
+        f'{results["ensemble_test_error"]:.2f}%) after {num_steps} steps', flush=True)
+  return results

@@ -1,0 +1,17 @@
+"""The offline default: Fashion-MNIST, a ResNet-8, 4 heads with hierarchical ILR sharing.
+
+No network needed: reads the original IDX files of Debian's
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist).
+
+Command:  make run
+   i.e.   python -m collab_jax.main --config=configs/default.py --workdir=runs/default
+
+Expected (measured, see README): about 10 minutes on 2 CPU cores, head 1 test
+error about 7-8 %.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.base_config()
