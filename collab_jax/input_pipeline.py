@@ -605,6 +605,22 @@ def _normalize_tf(image):
   return (image / 255.0 - mean) / std
 
 
+def num_examples(name, split, data_dir=None):
+  """Size of a tfds split, from the dataset info or, failing that, counted."""
+  tfds = _tfds()
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    pass
+  try:  # e.g. under tfds.testing.mock_data, whose info has no splits
+    ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  except AssertionError as e:
+    raise DatasetError(_not_prepared_message(name, builder)) from e
+  n = int(ds.cardinality())
+  return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
+
+
 def imagenet_iterator(split, *, global_batch, process_index, process_count,
                       seed, image_size=224, data_dir=None, start_step=0,
                       training=None, shuffle_buffer=None):

@@ -1,12 +1,25 @@
-"""Command line: `python -m collab_jax.main --config=configs/X.py --workdir=W`.
+"""Trains a tree of classifier heads (collaborative learning) from a config.
+
+  python -m collab_jax.main --config=configs/default.py --workdir=runs/default
 
 Any config value can be overridden, e.g. `--config.num_epochs=1` or
-`--config.model.splits='((1, 2),)'`. Rerunning with the same workdir resumes
-from its last checkpoint; a finished run is not trained again.
+`--config.model.splits='((1, 2),)'` (collab_jax/recipes.py lists every key).
+Rerunning with the same workdir resumes from its last checkpoint; a finished
+run is not trained again. Head 1's test error is the headline result, written
+to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
 """
 
+import glob
 import os
 import sys
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+if os.path.isdir(_CONFIG_DIR):  # a source checkout: list the configs in --help
+  __doc__ += '\nConfigs (one per row of the paper\'s tables; see their docstrings):\n'
+  __doc__ += ''.join(f'  configs/{os.path.basename(p)}\n'
+                     for p in sorted(glob.glob(os.path.join(_CONFIG_DIR, '*.py'))))
+import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -14,6 +27,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -36,22 +50,100 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()  # cluster auto-detection (SLURM, Cloud TPU)
 
 
+def _fail(message):
+  """How an input mistake ends: one `error:` line and exit status 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _summary(message):
+  """One line of an error message: the last line of a traceback dump in it."""
+  lines = [l.strip() for l in str(message).splitlines() if l.strip()]
+  if any(l.startswith('Traceback') for l in lines):
+    return lines[-1]
+  return ' '.join(lines)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with each mistake reported as one `error:` line.
+
+  Bad values (`--config.batch_size=abc`, a bad `--config.model.splits`
+  literal, an unknown `--config.KEY`) and config files that are missing or
+  raise would otherwise end in a traceback or a multi-line dump.
+  """
+  path = next((a.split('=', 1)[1].split(':')[0] for a in argv[1:]
+               if a.startswith('--config=')), '')
+  logging.set_verbosity(logging.ERROR)  # ml_collections' parse-time warnings
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    if 'Error whilst parsing config file' in str(e):  # get_config() raised
+      _fail(f'config file {path}: {_summary(e)}')
+    if 'Flag --config must have a value other than None' in str(e) and path:
+      _fail(f'config file {path}: get_config() returned None; it must return '
+            'an ml_collections.ConfigDict.')
+    _fail(f'{_summary(e)} (see --help)')
+  except Exception as e:  # pylint: disable=broad-except
+    # Raised by the config file (other than TypeError/ValueError), or by an
+    # override of a key it does not have.
+    if path and not os.path.isfile(path):
+      _fail(f'config file {path} does not exist (--config=).')
+    if isinstance(e, (AttributeError, KeyError)):
+      key = str(e).strip('"\'')
+      bad = [a.split('=')[0] for a in argv[1:]
+             if a.startswith('--config.') and key in a.split('=')[0]]
+      if bad:
+        _fail(f'{bad[0]}: the config of {path} has no key {key!r}.')
+    if isinstance(e, SyntaxError):
+      where, what = e.lineno, e.msg
+    else:
+      where = next((f.lineno for f in traceback.extract_tb(e.__traceback__)[::-1]
+                    if os.path.abspath(f.filename) == os.path.abspath(path)),
+                   None)
+      what = _summary(e)
+    line = f' line {where}' if where else ''
+    _fail(f'config file {path}{line}: {type(e).__name__}: {what}')
+
+
+def load_config():
+  """The parsed --config, or exit with one line if its file did not load."""
+  config = FLAGS.config
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  path = config_flags.get_config_filename(FLAGS['config']).split(':')[0]
+  if not os.path.isfile(path):
+    _fail(f'config file {path} does not exist (--config=).')
+  try:
+    config.lock()  # a file that failed to load re-raises its error here
+  except OSError as e:
+    _fail(f'cannot load config file {path}: {_summary(e.__cause__ or e)}')
+  except AttributeError:
+    pass
+  _fail(f'config file {path}: get_config() must return an '
+        f'ml_collections.ConfigDict, not {type(config).__name__}.')
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _fail(f'unexpected arguments: {" ".join(argv[1:])} (options are '
+          '--config=FILE, --workdir=DIR and --config.KEY=VALUE).')
+  if not FLAGS.workdir.strip():
+    _fail('--workdir is empty; name a directory.')
+  config = load_config()
   # Import late so that --help answers without loading TensorFlow or JAX backends.
   from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from collab_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   except (train.ConfigError, train.WorkdirError, train.NonFiniteError,
           input_pipeline.DatasetError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
+    _fail(e)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop (or twice)
+    print('interrupted.', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,34 +14,13 @@ except RuntimeError:
   pass
 
 from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+import testutil  # pylint: disable=g-import-not-at-top
 
 tfds = input_pipeline._tfds()  # Also hides GPUs from TF.
 
 
-def _write_idx(path, array, magic):
-  """Writes `array` (uint8) as an IDX file, gzipped if `path` ends in .gz."""
-  array = np.asarray(array, np.uint8)
-  header = magic.to_bytes(4, 'big') + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'wb') as f:
-    f.write(header + array.tobytes())
-
-
-def _fake_fashion_mnist(data_dir, *, num_train=100, num_test=20, gz=True):
-  """Writes a small Fashion-MNIST-like set of IDX files; returns the arrays."""
-  rng = np.random.default_rng(0)
-  ext = '.gz' if gz else ''
-  arrays = {}
-  for split, n in (('train', num_train), ('t10k', num_test)):
-    images = rng.integers(0, 256, (n, 6, 5), dtype=np.uint8)
-    labels = np.arange(n) % 10
-    _write_idx(os.path.join(data_dir, f'{split}-images-idx3-ubyte{ext}'),
-               images, 2051)
-    _write_idx(os.path.join(data_dir, f'{split}-labels-idx1-ubyte{ext}'),
-               labels, 2049)
-    arrays[split] = (images, labels)
-  return arrays
+_write_idx = testutil.write_idx
+_fake_fashion_mnist = testutil.fake_fashion_mnist
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,14 @@
+"""CIFAR-100 ResNet-32, 4 heads, hierarchical ILR sharing (not in Table 2): paper Table 2. Paper: not reported % test error.
+The alternating row updates the heads one after another with their own
+optimizer states (Zhang et al. 2017); DML uses T = 1.
+
+  python -m collab_jax.main --config=configs/cifar100_resnet32_h4_hierarchical.py --workdir=runs/cifar100_resnet32_h4_hierarchical
+
+Cost: 164 epochs x 50k = 8.2M images through the training graph; measured throughput per graph: experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.cifar('cifar100', 'cifar_resnet32', 'h4_hierarchical')

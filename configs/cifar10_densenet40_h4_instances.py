@@ -1,0 +1,13 @@
+"""CIFAR-10 DenseNet-40-12, 4 instances (nothing shared): paper Table 1, row
+"4 instances (nothing shared)", column DenseNet-40-12. Paper: 5.00 +- 0.05 % test error.
+
+  python -m collab_jax.main --config=configs/cifar10_densenet40_h4_instances.py --workdir=runs/cifar10_densenet40_h4_instances
+
+Cost: 300 epochs x 50k = 15M images through the training graph; measured throughput per graph: experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.cifar('cifar10', 'densenet40_12', 'h4_instances')

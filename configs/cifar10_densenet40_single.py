@@ -1,0 +1,13 @@
+"""CIFAR-10 DenseNet-40-12, single instance (individual training): paper Table 1, row
+"single instance (individual training)", column DenseNet-40-12. Paper: 5.26 +- 0.08 % test error.
+
+  python -m collab_jax.main --config=configs/cifar10_densenet40_single.py --workdir=runs/cifar10_densenet40_single
+
+Cost: 300 epochs x 50k = 15M images through the training graph; measured throughput per graph: experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.cifar('cifar10', 'densenet40_12', 'single')

@@ -1,0 +1,13 @@
+"""CIFAR-10 ResNet-32, 2 heads, simple ILR sharing: paper Table 1, row
+"2 heads, simple ILR sharing", column ResNet-32. Paper: 5.97 +- 0.07 % test error.
+
+  python -m collab_jax.main --config=configs/cifar10_resnet32_h2_simple.py --workdir=runs/cifar10_resnet32_h2_simple
+
+Cost: 164 epochs x 50k = 8.2M images through the training graph; measured throughput per graph: experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.cifar('cifar10', 'cifar_resnet32', 'h2_simple')

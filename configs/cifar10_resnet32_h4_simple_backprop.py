@@ -1,0 +1,13 @@
+"""CIFAR-10 ResNet-32, 4 heads sharing up to block 1, backprop rescaling: paper Table 3.
+Paper: 5.82 +- 0.08 % test error.
+
+  python -m collab_jax.main --config=configs/cifar10_resnet32_h4_simple_backprop.py --workdir=runs/cifar10_resnet32_h4_simple_backprop
+
+Cost: 164 epochs x 50k = 8.2M images through the training graph; measured throughput per graph: experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.cifar('cifar10', 'cifar_resnet32', 'h4_simple', **{'model.rescale': 'backprop'})

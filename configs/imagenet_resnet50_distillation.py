@@ -1,0 +1,17 @@
+"""ImageNet ResNet-50, distillation from an ensemble of two ResNet-50: paper Table 4. Paper: 22.65 / 6.34 top-1 / top-5 error %.
+Needs the prepared tfds `imagenet2012` (manual download; pass
+--config.data_dir). Two phases for distillation: the teacher ensemble is
+trained first in <workdir>/teachers (or reused from
+--config.distill.teacher_workdir).
+
+  python -m collab_jax.main --config=configs/imagenet_resnet50_distillation.py --workdir=runs/imagenet_resnet50_distillation
+
+Cost: 90 epochs x 1.28M = 115M images through the training graph; on 2 CPU
+cores this is out of reach; see experiments/results/bench.md.
+"""
+
+from collab_jax import recipes
+
+
+def get_config():
+  return recipes.imagenet('distillation')

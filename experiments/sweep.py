@@ -1,0 +1,321 @@
+"""Sweep runner: configs x seeds (x noise levels) -> runs -> result tables.
+
+Each run is `python -m collab_jax.main` in its own workdir
+`<root>/<sweep>/<row>/seed_<k>` (a subprocess, so a stopped sweep leaves
+resumable checkpoints). A run whose `results.json` exists is skipped, so
+re-running a finished sweep trains nothing and rewrites identical tables.
+Tables (mean +- std of head 1's test error, with the run count of each cell)
+go to `experiments/results/<sweep>.md` and `.json`.
+
+  python experiments/sweep.py --sweep=fmnist_table1             # run + tables
+  python experiments/sweep.py --sweep=fmnist_table1 --aggregate_only
+  python experiments/sweep.py --list
+
+The paper's own sweeps (CIFAR-10/100, ImageNet configs) are defined here too
+(`cifar10_table1`, ...); run them on accelerators with the same command.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, 'results')
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One cell group of a table: a config file plus overrides."""
+  name: str             # row label in the table
+  config: str           # path relative to the repository root[:argument]
+  overrides: Tuple[Tuple[str, object], ...] = ()
+  paper: str = ''       # the paper's number for the analogous row
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str
+  title: str
+  rows: Tuple[Row, ...]
+  seeds: int = 3
+  noise_levels: Tuple[float, ...] = (0.0,)
+  # Extra columns (besides head 1): 'heads' reports every head's error.
+  show_heads: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST analogues of the paper's claims (fit 2 CPU cores).
+
+FMNIST = 'configs/fmnist_study.py'
+
+
+def _fm(name, graph, paper='', **overrides):
+  return Row(name, f'{FMNIST}:{graph}', tuple(sorted(overrides.items())), paper)
+
+
+SWEEPS: Dict[str, Sweep] = {}
+
+
+def _add(sweep):
+  SWEEPS[sweep.name] = sweep
+
+
+_add(Sweep('fmnist_table1', 'Table 1 analogue: training graphs', (
+    _fm('single instance', 'single', '6.66 +- 0.21'),
+    _fm('label smoothing (0.05)', 'label_smoothing', '6.83 +- 0.14'),
+    _fm('2 instances', 'h2_instances', '6.19 +- 0.17'),
+    _fm('4 instances', 'h4_instances', '6.16 +- 0.17'),
+    _fm('2 heads, simple ILR sharing', 'h2_simple', '5.97 +- 0.07'),
+    _fm('4 heads, hierarchical ILR sharing', 'h4_hierarchical', '5.86 +- 0.13'),
+)))
+_add(Sweep('fmnist_table2', 'Table 2 analogue: alternating vs simultaneous, T = 1 and 2', (
+    _fm('single instance', 'single', '30.52 +- 0.35'),
+    _fm('alternating (DML), T = 1', 'h2_instances', '29.25 / 28.81',
+        method='alternating', temperature=1.0),
+    _fm('simultaneous, T = 1', 'h2_instances', '27.64 +- 0.36 / 27.48 +- 0.37',
+        temperature=1.0),
+    _fm('simultaneous, T = 2', 'h2_instances', '26.32 +- 0.26 / 26.36 +- 0.27',
+        temperature=2.0),
+), show_heads=True))
+_add(Sweep('fmnist_table3', 'Table 3 analogue: 4 heads sharing stage 1, gradient scaling', (
+    _fm('backprop rescaling', 'h4_simple', '5.82 +- 0.08', **{'model.rescale': 'backprop'}),
+    _fm('no scaling', 'h4_simple', '6.04 +- 0.17', **{'model.rescale': 'none'}),
+    _fm('loss scaling (1/4)', 'h4_simple', '6.09 +- 0.24', **{'model.rescale': 'loss'}),
+)))
+_add(Sweep('fmnist_figure3', 'Figure 3 analogue: label noise', (
+    _fm('single instance', 'single'),
+    _fm('2 instances', 'h2_instances'),
+    _fm('2 heads, simple ILR sharing', 'h2_simple'),
+    _fm('4 heads, hierarchical ILR sharing', 'h4_hierarchical'),
+), seeds=1, noise_levels=(0.0, 0.2, 0.4, 0.6, 0.8)))
+
+
+# ---------------------------------------------------------------------------
+# The paper's own sweeps (accelerators).
+
+def _paper_rows(prefix, graphs):
+  return tuple(Row(g, f'configs/{prefix}_{g}.py') for g in graphs)
+
+
+_T1 = ('single', 'label_smoothing', 'h2_instances', 'h4_instances', 'h2_simple',
+       'h4_hierarchical')
+for _net in ('resnet32', 'resnet110', 'densenet40'):
+  _add(Sweep(f'cifar10_table1_{_net}', f'Table 1, CIFAR-10 {_net}',
+             _paper_rows(f'cifar10_{_net}', _T1), seeds=5))
+_add(Sweep('cifar100_table2', 'Table 2, CIFAR-100 ResNet-32', _paper_rows(
+    'cifar100_resnet32', ('single', 'h2_alternating', 'h2_instances_t1',
+                          'h2_instances')), seeds=5, show_heads=True))
+_add(Sweep('cifar10_table3', 'Table 3, CIFAR-10 ResNet-32, 4 heads simple',
+           _paper_rows('cifar10_resnet32_h4_simple', ('backprop', 'none', 'loss')),
+           seeds=5))
+_add(Sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50', _paper_rows(
+    'imagenet_resnet50', ('single', 'label_smoothing', 'distillation',
+                          'h2_instances', 'h2_simple', 'h4')), seeds=1))
+
+
+# ---------------------------------------------------------------------------
+
+
+def _slug(text):
+  keep = ''.join(ch if ch.isalnum() else '_' for ch in text.lower())
+  return '_'.join(p for p in keep.split('_') if p)
+
+
+def run_dirs(sweep, root) -> List[Tuple[Row, float, int, str]]:
+  """(row, noise, seed, workdir) of every run of `sweep`."""
+  out = []
+  for row in sweep.rows:
+    for noise in sweep.noise_levels:
+      for seed in range(sweep.seeds):
+        parts = [root, sweep.name, _slug(row.name)]
+        if len(sweep.noise_levels) > 1:
+          parts.append(f'noise_{int(round(noise * 100)):02d}')
+        parts.append(f'seed_{seed}')
+        out.append((row, noise, seed, os.path.join(*parts)))
+  return out
+
+
+def _command(row, noise, seed, workdir, extra):
+  cmd = [sys.executable, '-m', 'collab_jax.main',
+         f'--config={os.path.join(ROOT, row.config)}', f'--workdir={workdir}',
+         f'--config.seed={seed}', '--config.progress=False']
+  for key, value in row.overrides:
+    cmd.append(f'--config.{key}={value}')
+  if noise:
+    cmd.append(f'--config.label_noise={noise}')
+  return cmd + list(extra)
+
+
+def run_sweep(sweep, root, extra=(), log=print):
+  """Runs every unfinished run of `sweep` in turn; returns the number run."""
+  todo = [r for r in run_dirs(sweep, root)
+          if not os.path.exists(os.path.join(r[3], 'results.json'))]
+  total = len(run_dirs(sweep, root))
+  log(f'{sweep.name}: {total - len(todo)}/{total} runs finished, {len(todo)} to go')
+  for i, (row, noise, seed, workdir) in enumerate(todo):
+    cmd = _command(row, noise, seed, workdir, extra)
+    log(f'[{i + 1}/{len(todo)}] {row.name} noise={noise} seed={seed} -> {workdir}')
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'stdout.log'), 'a') as out:
+      proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+      raise SystemExit(f'run failed (exit {proc.returncode}); see '
+                       f'{workdir}/stdout.log. Rerun the sweep to resume.')
+    if not os.path.exists(os.path.join(workdir, 'results.json')):
+      raise SystemExit(f'run stopped before finishing ({workdir}); rerun the '
+                       'sweep to resume it.')
+    log(f'    finished in {time.time() - t0:.0f} s')
+  return len(todo)
+
+
+def _mean_std(values):
+  n = len(values)
+  if not n:
+    return None, None
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return mean, std
+
+
+def _fmt(mean, std, n):
+  if mean is None:
+    return 'n/a (0 runs)'
+  return f'{mean:.2f} +- {std:.2f} (n={n})'
+
+
+def aggregate(sweep, root):
+  """Collects finished runs into a table dict (JSON-ready)."""
+  cells = []
+  for row in sweep.rows:
+    for noise in sweep.noise_levels:
+      runs = []
+      for r, nz, seed, workdir in run_dirs(sweep, root):
+        path = os.path.join(workdir, 'results.json')
+        if r == row and nz == noise and os.path.exists(path):
+          with open(path) as f:
+            res = json.load(f)
+          runs.append({'seed': seed, 'head_1': res['head_1_test_error'],
+                       'heads': res['head_test_errors'],
+                       'ensemble': res['ensemble_test_error'],
+                       'steps': res['steps'],
+                       'train_time_s': res.get('train_time_s_this_session')})
+      mean, std = _mean_std([r['head_1'] for r in runs])
+      heads = None
+      if runs and sweep.show_heads:
+        heads = [_mean_std([r['heads'][h] for r in runs])
+                 for h in range(len(runs[0]['heads']))]
+      cells.append({'row': row.name, 'noise': noise, 'paper': row.paper,
+                    'config': row.config, 'overrides': dict(row.overrides),
+                    'n': len(runs), 'head_1_mean': mean, 'head_1_std': std,
+                    'heads': heads, 'runs': runs})
+  return {'sweep': sweep.name, 'title': sweep.title, 'seeds': sweep.seeds,
+          'cells': cells}
+
+
+def to_markdown(table):
+  lines = [f'# {table["title"]}', '',
+           'Head 1 test error (%), mean +- std over seeds (n = finished runs).', '']
+  noise_levels = sorted({c['noise'] for c in table['cells']})
+  if len(noise_levels) > 1:
+    header = '| training graph | ' + ' | '.join(
+        f'noise {int(n * 100)} %' for n in noise_levels) + ' |'
+    lines += [header, '|' + '---|' * (len(noise_levels) + 1)]
+    for row in dict.fromkeys(c['row'] for c in table['cells']):
+      cells = {c['noise']: c for c in table['cells'] if c['row'] == row}
+      lines.append(f'| {row} | ' + ' | '.join(
+          _fmt(cells[n]['head_1_mean'], cells[n]['head_1_std'], cells[n]['n'])
+          for n in noise_levels) + ' |')
+  else:
+    with_heads = any(c['heads'] for c in table['cells'])
+    header = '| training graph | head 1 | '
+    header += 'every head (mean +- std) | ' if with_heads else ''
+    header += 'paper (analogous row) |'
+    lines += [header, '|---|---|' + ('---|' if with_heads else '') + '---|']
+    for c in table['cells']:
+      line = f'| {c["row"]} | {_fmt(c["head_1_mean"], c["head_1_std"], c["n"])} | '
+      if with_heads:
+        line += (' / '.join(f'{m:.2f} +- {s:.2f}' for m, s in c['heads'])
+                 if c['heads'] else 'n/a') + ' | '
+      line += f'{c["paper"] or "-"} |'
+      lines.append(line)
+  return '\n'.join(lines) + '\n'
+
+
+def plot_noise(table, path):
+  """Figure 3 analogue: head 1 error against the noise level, one line per row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for row in dict.fromkeys(c['row'] for c in table['cells']):
+    cells = [c for c in table['cells'] if c['row'] == row and c['n']]
+    if not cells:
+      continue
+    ax.errorbar([100 * c['noise'] for c in cells], [c['head_1_mean'] for c in cells],
+                yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
+                label=row)
+  ax.set_xlabel('label noise (%)')
+  ax.set_ylabel('head 1 test error (%)')
+  ax.set_title(table['title'], fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_tables(sweep, root, out_dir=RESULTS):
+  table = aggregate(sweep, root)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
+    json.dump(table, f, indent=2, sort_keys=True)
+    f.write('\n')
+  with open(os.path.join(out_dir, f'{sweep.name}.md'), 'w') as f:
+    f.write(to_markdown(table))
+  if len(sweep.noise_levels) > 1:
+    plot_noise(table, os.path.join(out_dir, f'{sweep.name}.png'))
+  return table
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--sweep', action='append', default=[],
+                      help='sweep name (repeatable); see --list')
+  parser.add_argument('--root', default=os.path.join(HERE, 'runs'),
+                      help='where run workdirs live')
+  parser.add_argument('--out', default=RESULTS, help='where tables go')
+  parser.add_argument('--aggregate_only', action='store_true',
+                      help='only rewrite the tables from finished runs')
+  parser.add_argument('--list', action='store_true', help='list the sweeps')
+  parser.add_argument('extra', nargs='*',
+                      help='extra --config.KEY=VALUE overrides for every run')
+  args = parser.parse_args(argv)
+  if args.list or not args.sweep:
+    for s in SWEEPS.values():
+      print(f'{s.name:28s} {len(run_dirs(s, args.root)):4d} runs  {s.title}')
+    return
+  for name in args.sweep:
+    if name not in SWEEPS:
+      raise SystemExit(f'unknown sweep {name!r}; --list shows the sweeps.')
+  for name in args.sweep:
+    sweep = SWEEPS[name]
+    t0 = time.time()
+    if not args.aggregate_only:
+      run_sweep(sweep, args.root, args.extra)
+    table = write_tables(sweep, args.root, args.out)
+    done = sum(c['n'] for c in table['cells'])
+    print(f'{name}: {done} finished runs tabulated in {args.out}/{name}.md '
+          f'({time.time() - t0:.0f} s)')
+
+
+if __name__ == '__main__':
+  main()

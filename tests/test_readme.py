@@ -1,0 +1,28 @@
+"""The README's code snippets run as written."""
+
+import os
+import re
+
+import pytest
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'README.md')
+
+
+def _snippets():
+  with open(README) as f:
+    text = f.read()
+  return dict(re.findall(
+      r'<!-- readme-snippet: (\S+) -->\n```python\n(.*?)```', text, re.S))
+
+
+def test_snippets_present():
+  assert set(_snippets()) == {'plain-jax', 'head-tree'}
+
+
+@pytest.mark.parametrize('name', ['plain-jax', 'head-tree'])
+def test_snippet_runs(name):
+  namespace = {}
+  exec(compile(_snippets()[name], f'README:{name}', 'exec'), namespace)  # pylint: disable=exec-used
+  if name == 'plain-jax':
+    assert namespace['loss'] < 0.7 * namespace['first_loss']

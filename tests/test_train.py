@@ -1,0 +1,216 @@
+"""The trainer end to end on tiny data: runs, resumes, shards, refuses bad input."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from collab_jax import input_pipeline
+from collab_jax import recipes
+from collab_jax import train
+import testutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('fmnist')
+  testutil.fake_fashion_mnist(str(d), num_train=96, num_test=40, shape=(12, 12))
+  return d
+
+
+def _metrics(workdir, kind='train'):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+
+def _final_params(workdir, config):
+  _, variables = train.load_run_variables(workdir, config, 10, (12, 12, 1))
+  return variables
+
+
+def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
+  config = testutil.tiny_config(data_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 0 <= results['head_1_test_error'] <= 100
+  assert len(results['head_test_errors']) == 2
+  assert results['head_1_test_error'] == results['head_test_errors'][0]
+  assert results['steps'] == 6 and results['devices'] == 8
+  for name in ('config.json', 'run_info.json', 'metrics.jsonl', 'results.json'):
+    assert os.path.exists(tmp_path / name), name
+  assert os.listdir(tmp_path / 'tensorboard')
+  assert [r['step'] for r in _metrics(tmp_path)] == [2, 4, 6]
+  assert all(np.isfinite(r['loss']) for r in _metrics(tmp_path))
+  # The exported head 1 is the plain network and reproduces head 1 exactly.
+  import orbax.checkpoint as ocp
+  import collab_jax
+  from collab_jax import models
+  with ocp.StandardCheckpointer() as ckptr:
+    exported = ckptr.restore(os.path.abspath(tmp_path / 'export' / 'head_1'))
+  variables = _final_params(tmp_path, config)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 12, 1)), jnp.float32)
+  tree = train.create_model(config, 10)
+  net = collab_jax.StageNetwork(models.get_stages('tiny_resnet', 10))
+  np.testing.assert_array_equal(jax.jit(net.apply)(exported, x),
+                                jax.jit(tree.apply)(variables, x)[0])
+  # A finished run is not trained again.
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again == results
+  assert [r['step'] for r in _metrics(tmp_path)] == [2, 4, 6]
+
+
+def test_halt_and_resume_is_exact(data_dir, tmp_path):
+  config = testutil.tiny_config(data_dir, label_noise=0.3)
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  halted = testutil.tiny_config(data_dir, label_noise=0.3, halt_after_steps=4)
+  assert train.train_and_evaluate(halted, str(tmp_path / 'split')) is None
+  assert not os.path.exists(tmp_path / 'split' / 'results.json')
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  # The second run started at step 4 (it logged steps 6 only).
+  assert [r['step'] for r in _metrics(tmp_path / 'split')] == [2, 4, 6]
+  a = _final_params(tmp_path / 'full', config)
+  b = _final_params(tmp_path / 'split', config)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert resumed['head_1_test_error'] == full['head_1_test_error']
+
+
+def _run_steps(config, mesh, steps=3):
+  """Runs `steps` train steps of `config` on `mesh`; returns the losses."""
+  data = train.create_data_source(config, 0)
+  model = train.create_model(config, data.num_classes)
+  tx = train.create_optimizer(config, lambda s: config.learning_rate)
+  state = train.create_train_state(jax.random.key(0), config, model,
+                                   data.image_shape, tx)
+  repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  stats = {k: tuple(v) for k, v in data.stats.items()}
+  import functools
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                      config=config, data_stats=stats),
+                    in_shardings=(repl, sharded, repl), out_shardings=(repl, repl))
+  state = jax.device_put(state, repl)
+  losses = []
+  for step in range(steps):
+    batch = {k: jax.device_put(v, sharded) for k, v in data.train_batch(step).items()}
+    state, metrics = step_fn(state, batch, {})
+    losses.append(float(metrics['loss'][0]))
+  return np.array(losses)
+
+
+def test_eight_devices_match_one_device(data_dir):
+  """Same global batch on 8 devices and on 1: same losses (float32 reduction order)."""
+  config = testutil.tiny_config(data_dir)
+  one = _run_steps(config, Mesh(np.array(jax.devices()[:1]), ('data',)))
+  eight = _run_steps(config, Mesh(np.array(jax.devices()), ('data',)))
+  np.testing.assert_allclose(eight, one, rtol=1e-5)
+  assert len(set(one.tolist())) == 3  # training moved
+
+
+def test_train_step_compiles_once(data_dir, tmp_path, caplog):
+  config = testutil.tiny_config(data_dir, num_train_steps=8,
+                                eval_every_epochs=16 / 96)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path))
+  compiles = [r.getMessage() for r in caplog.records
+              if 'Compiling' in r.getMessage()]
+  assert sum('train_step' in m for m in compiles) == 1, compiles
+  assert sum('eval_step' in m for m in compiles) == 1, compiles
+
+
+@pytest.mark.parametrize('method,splits', [
+    ('label_smoothing', ()), ('alternating', ((0, 2),)), ('collaborative', ((0, 2), (1, 2)))])
+def test_methods_run(data_dir, tmp_path, method, splits):
+  config = testutil.tiny_config(data_dir, method=method, num_train_steps=2,
+                                label_smoothing=0.1)
+  config.model.splits = splits
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(results['head_1_test_error'])
+
+
+def test_cifar10_and_imagenet_on_mock_data(tmp_path):
+  tfds = input_pipeline._tfds()
+  config = testutil.tiny_config('', dataset='cifar10', num_train_steps=2)
+  with tfds.testing.mock_data(num_examples=64):
+    results = train.train_and_evaluate(config, str(tmp_path / 'cifar'))
+  assert results['train_examples'] == 64 and np.isfinite(results['head_1_test_error'])
+  config = recipes.imagenet('h4_hierarchical')
+  config.update_from_flattened_dict({
+      'model.name': 'tiny_resnet50', 'image_size': 32, 'batch_size': 16,
+      'eval_batch_size': 16, 'num_train_steps': 2, 'progress': False,
+      'log_every_steps': 1})
+  with tfds.testing.mock_data(num_examples=32):
+    results = train.train_and_evaluate(config, str(tmp_path / 'imagenet'))
+  assert results['heads'] == 4 and np.isfinite(results['head_1_test_error'])
+
+
+def _main(args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  return subprocess.run([sys.executable, '-m', 'collab_jax.main', *args],
+                        capture_output=True, text=True, cwd=cwd, env=env,
+                        timeout=300)
+
+
+def test_help_explains_itself():
+  out = _main(['--help'])
+  assert out.returncode in (0, 1), out.stderr  # absl exits 1 after --help
+  assert '--config' in out.stdout and '--workdir' in out.stdout
+  assert 'configs/imagenet_resnet50_h4.py' in out.stdout
+  assert 'Traceback' not in out.stderr
+
+
+@pytest.fixture(scope='module')
+def halted_run(data_dir, tmp_path_factory):
+  """A workdir holding checkpoints of an unfinished tiny run, and its config file."""
+  root = tmp_path_factory.mktemp('halted')
+  config = testutil.tiny_config(data_dir, halt_after_steps=3)
+  train.train_and_evaluate(config, str(root / 'run'))
+  cfg = root / 'tiny_config.py'
+  cfg.write_text(
+      f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
+      f'import testutil\n\n\ndef get_config():\n'
+      f'  return testutil.tiny_config({str(data_dir)!r})\n')
+  return root / 'run', cfg
+
+
+def _snapshot(workdir):
+  return {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+          for dp, _, fs in os.walk(workdir) for f in fs}
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.model.splits=((5, 2),)', 'split index 5 is out of range'),
+    ('--config.model.splits=((1, 1),)', 'at least 2 branches'),
+    ('--config.batch_size=12', 'does not divide over 8 devices'),
+    ('--config.method=magic', "config.method: 'magic' is unknown"),
+    ('--config.beta=0.0', 'config.beta: 0.0 is outside (0, 1]'),
+    ('--config.model.name=resnet9000', "'resnet9000' is unknown"),
+    ('--config.data_dir=/nonexistent', 'Fashion-MNIST IDX files not found'),
+    ('--config.num_train_steps=9', 'was made by a different config'),
+])
+def test_bad_input_one_line_and_workdir_untouched(halted_run, override, expected):
+  """Each mistake: exit code 2, one 'error:' line, the checkpoints untouched."""
+  workdir, cfg = halted_run
+  before = _snapshot(workdir)
+  out = _main([f'--config={cfg}', f'--workdir={workdir}', override])
+  assert _snapshot(workdir) == before
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert expected in lines[0]
+
+
+def test_unknown_config_key_is_one_line(halted_run):
+  workdir, cfg = halted_run
+  out = _main([f'--config={cfg}', f'--workdir={workdir}', '--config.nosuchkey=1'])
+  assert out.returncode != 0
+  assert 'nosuchkey' in out.stderr and 'Traceback' not in out.stderr
