@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from collab_jax import heads as heads_lib
@@ -191,10 +192,20 @@ def _loss_terms(logits, labels, config, teacher_logits=None):
       label_smoothing=smoothing, consensus_gradient=config.consensus_gradient)
 
 
+def _all_finite(*trees):
+  """A scalar bool: every element of every leaf of `trees` is finite."""
+  return jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
 def _guarded_update(state, new_state, loss, grads):
-  """Applies `new_state` only if the loss and all gradients are finite."""
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  """Applies `new_state` only if the loss, gradients and new state are finite.
+
+  The new parameters and BatchNorm statistics are checked too: a finite
+  gradient times a huge learning rate can still overflow them, and such a
+  state must never be applied (or checkpointed).
+  """
+  finite = _all_finite(loss, grads, new_state.params, new_state.batch_stats)
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   skipped = jnp.logical_not(finite).astype(jnp.int32)
@@ -287,17 +298,17 @@ def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
     head_opt = jax.tree.map(lambda a, h=h: a[h], opt_state)
     updates, head_opt = tx.update(grads, head_opt, head_params)
     head_params = optax.apply_updates(head_params, updates)
-    finite = jnp.isfinite(loss_h) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    head_stats = (jax.tree.map(lambda a, h=h: a[h], new_stats['level_1'])
+                  if batch_stats else {})
+    finite = _all_finite(loss_h, grads, head_params, head_stats)
     all_finite &= finite
     put = lambda stacked, new, h=h: jax.tree.map(
         lambda a, n: a.at[h].set(jnp.where(finite, n, a[h])), stacked, new)
     params = {**params, 'level_1': put(params['level_1'], head_params)}
     opt_state = put(opt_state, head_opt)
     if batch_stats:
-      batch_stats = {**batch_stats, 'level_1': put(
-          batch_stats['level_1'],
-          jax.tree.map(lambda a, h=h: a[h], new_stats['level_1']))}
+      batch_stats = {**batch_stats, 'level_1': put(batch_stats['level_1'],
+                                                   head_stats)}
     hard.append(parts['hard'][h])
     soft.append(parts['soft'][h])
     total.append(parts['total'][h])
@@ -376,10 +387,28 @@ def validate_config(config):
     bad('batch_size', f'{config.batch_size} must be positive.')
   if config.num_epochs <= 0 and not config.num_train_steps > 0:
     bad('num_epochs', 'set num_epochs > 0 or num_train_steps > 0.')
-  if config.learning_rate <= 0:
-    bad('learning_rate', f'{config.learning_rate} must be positive.')
+  if not 0 < config.learning_rate < math.inf:
+    bad('learning_rate', f'{config.learning_rate} must be positive and finite.')
   if config.weight_decay < 0:
     bad('weight_decay', f'{config.weight_decay} must be >= 0.')
+  if config.optimizer != 'sgd':
+    bad('optimizer', f"{config.optimizer!r}: only 'sgd' is supported.")
+  if config.lr_schedule not in ('step', 'cosine', 'constant'):
+    bad('lr_schedule', f'{config.lr_schedule!r} is not one of step, cosine, '
+        'constant.')
+  datasets = input_pipeline.KNOWN_DATASETS + STREAMING_DATASETS
+  if config.dataset not in datasets:
+    bad('dataset', f'{config.dataset!r} is unknown; choose one of '
+        f'{", ".join(datasets)}.')
+  for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+              'max_nonfinite_streak'):
+    if not config[key] >= 1:
+      bad(key, f'{config[key]} must be >= 1.')
+  try:
+    jnp.dtype(config.model.dtype)
+  except TypeError:
+    bad('model.dtype', f'{config.model.dtype!r} is not a dtype; use float32 '
+        'or bfloat16.')
   if config.model.rescale not in heads_lib.RESCALE_MODES:
     bad('model.rescale', f'{config.model.rescale!r} is not one of '
         f'{", ".join(heads_lib.RESCALE_MODES)}.')
@@ -473,9 +502,7 @@ def create_data_source(config, start_step):
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   data_dir = config.data_dir or None
   if config.dataset in STREAMING_DATASETS:
-    tfds = input_pipeline._tfds()  # pylint: disable=protected-access
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
-    num_train = builder.info.splits['train'].num_examples
+    num_train = input_pipeline.num_examples(config.dataset, 'train', data_dir)
     it = input_pipeline.imagenet_iterator(
         'train', global_batch=config.batch_size, process_index=p_idx,
         process_count=p_cnt, seed=config.seed, image_size=config.image_size,
@@ -491,7 +518,7 @@ def create_data_source(config, start_step):
           'validation', global_batch=config.eval_batch_size,
           process_index=p_idx, process_count=p_cnt, seed=config.seed,
           image_size=config.image_size, data_dir=data_dir)
-    return DataSource(num_train, builder.info.features['label'].num_classes,
+    return DataSource(num_train, 1000,  # imagenet2012 classes
                       (config.image_size, config.image_size, 3),
                       {'mean': input_pipeline.IMAGENET_MEAN,
                        'std': input_pipeline.IMAGENET_STD},
@@ -500,6 +527,14 @@ def create_data_source(config, start_step):
   ds = input_pipeline.load_dataset(
       config.dataset, data_dir=data_dir, train_subset=config.train_subset,
       subset_seed=config.subset_seed)
+  if ds.test_images.shape[1:] != ds.image_shape:
+    raise input_pipeline.DatasetError(
+        f'{config.dataset}: test images are {ds.test_images.shape[1:]} but '
+        f'training images are {ds.image_shape}; both splits must have one shape.')
+  if config.batch_size > ds.num_train:
+    raise ConfigError(
+        f'config.batch_size: {config.batch_size} is larger than the '
+        f'{ds.num_train} training examples; lower it (or raise train_subset).')
   noise = input_pipeline.LabelNoise(ds.num_train, ds.num_classes,
                                     config.label_noise, config.noise_seed)
   per_epoch = input_pipeline.steps_per_epoch(ds.num_train, config.batch_size)
@@ -525,31 +560,76 @@ def create_data_source(config, start_step):
 # Checkpoints.
 
 
-def _checkpoint_manager(workdir, config):
+def _checkpoint_manager(workdir, config, cleanup=False):
+  """The run's CheckpointManager; `cleanup` is for the training run only.
+
+  `cleanup` removes the `<step>.orbax-checkpoint-tmp-*` folders of saves that
+  a killed run left half-written (orbax never lists them as steps).
+  """
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
+          max_to_keep=config.keep_checkpoints, create=True,
+          cleanup_tmp_directories=cleanup))
 
 
-def restore_latest(manager, abstract_state):
+def restore_latest(manager, abstract_state, corrupt_dir=None):
   """Restores the newest readable checkpoint; falls back past corrupt ones.
 
+  Args:
+    manager: the run's `CheckpointManager`.
+    abstract_state: shapes and dtypes of the state (`jax.eval_shape`).
+    corrupt_dir: where the training run moves unreadable checkpoints newer
+      than the one restored (`<corrupt_dir>/<step>_<time>`; never deleted).
+      Left among the steps, a corrupt step would stop the manager from saving
+      that step again and would count towards `max_to_keep`, so that garbage
+      collection could delete the good ones. None (readers): leave them.
+
   Returns:
-    (state or None, step restored or None). Unreadable checkpoints are
-    reported and left on disk.
+    (state or None, step restored or None).
+
+  Raises:
+    WorkdirError: with `corrupt_dir`, when there are checkpoints but none is
+      readable (nothing is moved then: a person should look).
   """
+  unreadable = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-      return state, step
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint at step %d is unreadable (%s: %s); trying '
-                      'the previous one.', step, type(e).__name__,
-                      str(e).splitlines()[0][:200] if str(e) else '')
-      print(f'warning: checkpoint at step {step} is unreadable; falling back '
-            'to the previous one (it is left on disk).', flush=True)
+      reason = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'
+      logging.warning('checkpoint at step %d is unreadable (%s)', step, reason)
+      if jax.process_index() == 0:
+        print(f'warning: checkpoint at step {step} is unreadable ({reason}); '
+              'trying the previous one.', flush=True)
+      unreadable.append((step, reason))
+      continue
+    if corrupt_dir is not None and unreadable:
+      _move_aside(manager, [s for s, _ in unreadable], corrupt_dir)
+    return state, step
+  if corrupt_dir is not None and unreadable:
+    shown = '; '.join(f'step {s}: {r}' for s, r in unreadable[:2])
+    raise WorkdirError(
+        f'no checkpoint in {manager.directory} is readable ({shown}). If the '
+        'config changed, use a new --workdir; if they are corrupt, move the '
+        'checkpoints folder away and rerun to start over.')
   return None, None
+
+
+def _move_aside(manager, steps, corrupt_dir):
+  """Moves step folders out of the manager's sight (process 0 renames)."""
+  stamp = time.strftime('%Y%m%dT%H%M%S')
+  for step in steps:
+    src = os.path.join(str(manager.directory), str(step))
+    dest = os.path.join(corrupt_dir, f'{step}_{stamp}')
+    if jax.process_index() == 0:
+      os.makedirs(corrupt_dir, exist_ok=True)
+      os.rename(src, dest)
+      print(f'warning: moved the unreadable checkpoint {src} to {dest}.',
+            flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('collab_jax:move_aside')
+  manager.reload()
 
 
 def export_variables(state, splits, head=0):
@@ -601,6 +681,40 @@ class _StopSignal:
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+
+
+def _stop_requested(stop, is_log):
+  """Whether to stop after this step for a signal.
+
+  Several processes must stop at the same step (saving is collective) but a
+  signal may reach them at different steps, so they agree on log steps only.
+  """
+  if jax.process_count() == 1:
+    return stop.received is not None
+  if not is_log:
+    return False
+  flags = multihost_utils.process_allgather(
+      np.int32(stop.received is not None))
+  return bool(np.any(flags))
+
+
+def _forget_logs_after(workdir, step):
+  """Drops `metrics.jsonl` records past `step`: a resumed run redoes them."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  def step_of(line):
+    try:
+      return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):  # e.g. cut short by a kill
+      return math.inf
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [l for l in lines if step_of(l) <= step]
+  if len(keep) < len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def _compiled_stats(compiled):
@@ -668,6 +782,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   validate_config(config)
   is_main = jax.process_index() == 0
   results_path = os.path.join(workdir, 'results.json')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'workdir {workdir} exists and is not a directory.')
   check_workdir(config, workdir)
   if os.path.exists(results_path):
     with open(results_path) as f:
@@ -675,7 +791,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     print(f'{workdir} already finished: head 1 test error '
           f'{results["head_1_test_error"]:.2f}% (nothing to do).', flush=True)
     return results
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f'cannot create workdir {workdir}: {e.strerror}.') from None
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
@@ -683,7 +802,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # The data source needs the start step (streams skip to it); read it from
   # the checkpoint directory before restoring.
-  manager = _checkpoint_manager(workdir, config)
+  manager = _checkpoint_manager(workdir, config, cleanup=True)
   latest = manager.latest_step()
   data = create_data_source(config, latest or 0)
   steps_per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
@@ -701,7 +820,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   init = functools.partial(create_train_state, jax.random.key(config.seed),
                            config, model, data.image_shape, tx)
   abstract_state = jax.eval_shape(init)
-  state, restored_step = restore_latest(manager, abstract_state)
+  try:
+    state, restored_step = restore_latest(
+        manager, abstract_state,
+        corrupt_dir=os.path.join(workdir, 'corrupt_checkpoints'))
+  except WorkdirError:
+    manager.close()
+    raise
+  if restored_step != latest:  # fell back: the stream must start there
+    data = create_data_source(config, restored_step or 0)
   if state is None:
     state = init()
     if is_main:
@@ -709,10 +836,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                       _config_record(config))
   else:
     print(f'resuming from the checkpoint at step {restored_step}', flush=True)
-    if restored_step != latest:  # fell back: the stream must start there
-      data = create_data_source(config, restored_step)
   state = jax.device_put(state, replicated)
   start_step = int(state.step)
+  if is_main:
+    _forget_logs_after(workdir, start_step)
 
   stats = {k: tuple(float(x) for x in v) for k, v in data.stats.items()}
   step_impl = alternating_train_step if config.method == 'alternating' else train_step
@@ -795,19 +922,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         if streak >= config.max_nonfinite_streak:
           manager.wait_until_finished()
           progress.close()
+          writer.close()
           raise NonFiniteError(
               f'{streak} consecutive steps had a non-finite loss or gradient '
               f'(up to step {step}); their updates were skipped and the last '
-              'good checkpoint is intact. Lower --config.learning_rate or '
-              'check the data.')
+              'good checkpoint is intact. Lower --config.learning_rate (with '
+              '--config.allow_config_change=True to resume) or check the data.')
       if eval_every and step % eval_every == 0 and step < num_steps:
         ev = evaluate(state)
         writer.write(step, ev, 'eval')
       if step % config.checkpoint_every_steps == 0 or step == num_steps:
         manager.save(step, args=ocp.args.StandardSave(state))
-      if stop.received or (config.halt_after_steps > 0 and
-                           step >= config.halt_after_steps and step < num_steps):
-        stop_reason = stop.received or f'halt_after_steps={config.halt_after_steps}'
+      signalled = _stop_requested(stop, is_log)
+      halt = (config.halt_after_steps > 0 and step >= config.halt_after_steps
+              and step < num_steps)
+      if signalled or halt:
+        stop_reason = ((stop.received or 'a signal to another process')
+                       if signalled else
+                       f'halt_after_steps={config.halt_after_steps}')
         if manager.latest_step() != step:
           manager.save(step, args=ocp.args.StandardSave(state), force=True)
         break
@@ -840,13 +972,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if teacher_results is not None:
     results['teacher_test_errors'] = teacher_results['head_test_errors']
     results['teacher_ensemble_test_error'] = teacher_results['ensemble_test_error']
+  # Every process takes part in the save (orbax synchronises them); process 0
+  # writes the files. An existing export (e.g. written just before a crash)
+  # is kept; orbax writes to a temporary folder and renames it when complete.
+  export_dir = os.path.abspath(os.path.join(workdir, 'export', 'head_1'))
+  if not os.path.exists(export_dir):
+    exported = export_variables(state, tuple(tuple(s) for s in config.model.splits),
+                                0)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(export_dir, exported)
   if is_main:
-    export_dir = os.path.abspath(os.path.join(workdir, 'export', 'head_1'))
-    if not os.path.exists(export_dir):
-      exported = export_variables(state, tuple(tuple(s) for s in config.model.splits),
-                                  0)
-      with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(export_dir, exported)
     logging_utils.write_json_atomic(results_path, results)
   writer.write(num_steps, {'head_1_test_error': results['head_1_test_error']}, 'final')
   writer.close()
