@@ -1,0 +1,74 @@
+"""The sweep runner end to end: run, kill part way, rerun, tables."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import testutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _write_driver(tmp_path, data_dir):
+  cfg = tmp_path / 'tiny.py'
+  cfg.write_text(
+      f'import sys\nsys.path.insert(0, {TESTS!r})\nimport testutil\n\n\n'
+      f'def get_config(splits="1"):\n'
+      f'  c = testutil.tiny_config({str(data_dir)!r}, num_train_steps=6,\n'
+      f'                           checkpoint_every_steps=2)\n'
+      f'  c.model.splits = () if splits == "0" else ((1, 2),)\n'
+      f'  return c\n')
+  driver = tmp_path / 'driver.py'
+  driver.write_text(
+      f'import sys\nsys.path.insert(0, {os.path.join(REPO, "experiments")!r})\n'
+      f'import sweep\n'
+      f'sweep._add(sweep.Sweep("tiny", "tiny sweep", (\n'
+      f'    sweep.Row("single", {str(cfg)!r} + ":0"),\n'
+      f'    sweep.Row("2 heads", {str(cfg)!r} + ":1")), seeds=2))\n'
+      f'sweep.main(sys.argv[1:])\n')
+  return driver
+
+
+def _run(driver, tmp_path, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.Popen(
+      [sys.executable, str(driver), '--sweep=tiny', f'--root={tmp_path}/runs',
+       f'--out={tmp_path}/results'], cwd=REPO, env=env, start_new_session=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sweep_kill_resume_and_tables(tmp_path):
+  data_dir = tmp_path / 'data'
+  testutil.fake_fashion_mnist(str(data_dir), num_train=96, num_test=40, shape=(12, 12))
+  driver = _write_driver(tmp_path, data_dir)
+  first = tmp_path / 'runs' / 'tiny' / 'single' / 'seed_0' / 'results.json'
+  proc = _run(driver, tmp_path)
+  deadline = time.time() + 240
+  while not first.exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.5)
+  assert first.exists(), proc.communicate()[0][-3000:]
+  os.killpg(proc.pid, signal.SIGKILL)  # part way: the second run is starting
+  proc.wait()
+  first_mtime = first.stat().st_mtime
+  assert not (tmp_path / 'results' / 'tiny.json').exists()
+
+  out, _ = _run(driver, tmp_path).communicate(timeout=600)
+  assert '1/4 runs finished, 3 to go' in out, out[-3000:]
+  assert first.stat().st_mtime == first_mtime  # not retrained
+  table = json.loads((tmp_path / 'results' / 'tiny.json').read_text())
+  assert [(c['row'], c['n']) for c in table['cells']] == [('single', 2), ('2 heads', 2)]
+  for cell in table['cells']:
+    errors = [r['head_1'] for r in cell['runs']]
+    assert cell['head_1_mean'] == sum(errors) / 2
+  md = (tmp_path / 'results' / 'tiny.md').read_text()
+  assert '(n=2)' in md and '| single |' in md
+
+  # A finished sweep trains nothing and rewrites identical tables.
+  out, _ = _run(driver, tmp_path).communicate(timeout=300)
+  assert '4/4 runs finished, 0 to go' in out
+  assert json.loads((tmp_path / 'results' / 'tiny.json').read_text()) == table
+  assert (tmp_path / 'results' / 'tiny.md').read_text() == md
