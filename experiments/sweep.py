@@ -153,12 +153,19 @@ def _command(row, noise, seed, workdir, extra):
   return cmd + list(extra)
 
 
-def run_sweep(sweep, root, extra=(), log=print):
-  """Runs every unfinished run of `sweep` in turn; returns the number run."""
+def run_sweep(sweep, root, extra=(), log=print, max_seeds=None):
+  """Runs every unfinished run of `sweep` in turn; returns the number run.
+
+  `max_seeds` limits this pass to seeds `< max_seeds`, so that a long
+  sweep fills every cell once before adding seeds.
+  """
   todo = [r for r in run_dirs(sweep, root)
-          if not os.path.exists(os.path.join(r[3], 'results.json'))]
-  total = len(run_dirs(sweep, root))
-  log(f'{sweep.name}: {total - len(todo)}/{total} runs finished, {len(todo)} to go')
+          if not os.path.exists(os.path.join(r[3], 'results.json'))
+          and (max_seeds is None or r[2] < max_seeds)]
+  runs = run_dirs(sweep, root)
+  done = sum(os.path.exists(os.path.join(r[3], 'results.json')) for r in runs)
+  log(f'{sweep.name}: {done}/{len(runs)} runs finished, {len(todo)} to go'
+      + (f' in this pass (seeds < {max_seeds})' if max_seeds else ''))
   for i, (row, noise, seed, workdir) in enumerate(todo):
     cmd = _command(row, noise, seed, workdir, extra)
     log(f'[{i + 1}/{len(todo)}] {row.name} noise={noise} seed={seed} -> {workdir}')
@@ -296,6 +303,8 @@ def main(argv=None):
   parser.add_argument('--aggregate_only', action='store_true',
                       help='only rewrite the tables from finished runs')
   parser.add_argument('--list', action='store_true', help='list the sweeps')
+  parser.add_argument('--max_seeds', type=int, default=None,
+                      help='only run seeds below this (fill every cell first)')
   parser.add_argument('extra', nargs='*',
                       help='extra --config.KEY=VALUE overrides for every run')
   args = parser.parse_args(argv)
@@ -310,7 +319,7 @@ def main(argv=None):
     sweep = SWEEPS[name]
     t0 = time.time()
     if not args.aggregate_only:
-      run_sweep(sweep, args.root, args.extra)
+      run_sweep(sweep, args.root, args.extra, max_seeds=args.max_seeds)
     table = write_tables(sweep, args.root, args.out)
     done = sum(c['n'] for c in table['cells'])
     print(f'{name}: {done} finished runs tabulated in {args.out}/{name}.md '
