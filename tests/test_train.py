@@ -127,13 +127,19 @@ def test_train_step_compiles_once(data_dir, tmp_path, caplog):
 
 
 @pytest.mark.parametrize('method,splits', [
-    ('label_smoothing', ()), ('alternating', ((0, 2),)), ('collaborative', ((0, 2), (1, 2)))])
-def test_methods_run(data_dir, tmp_path, method, splits):
+    ('label_smoothing', ()), ('alternating', ((0, 2),)), ('distillation', ()),
+    ('collaborative', ((0, 2), (1, 2)))])
+def test_methods_run(data_dir, tmp_path, capsys, method, splits):
   config = testutil.tiny_config(data_dir, method=method, num_train_steps=2,
                                 label_smoothing=0.1)
   config.model.splits = splits
   results = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(results['head_1_test_error'])
+  if method == 'distillation':  # two phases, both visible, teachers kept
+    out = capsys.readouterr().out
+    assert 'phase 1/2' in out and 'phase 2/2' in out
+    assert len(results['teacher_test_errors']) == 2
+    assert os.path.exists(tmp_path / 'teachers' / 'results.json')
 
 
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
