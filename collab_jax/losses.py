@@ -44,6 +44,14 @@ def _soft_cross_entropy(targets, logits):
   return -jnp.sum(targets.astype(jnp.float32) * logp, axis=-1)
 
 
+def _batch_weights(mask, batch):
+  """Per-example weights of a batch mean: uniform, or over the masked examples."""
+  if mask is None:
+    return jnp.full((batch,), 1.0 / batch, jnp.float32)
+  mask = jnp.asarray(mask, jnp.float32)
+  return mask / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def label_targets(labels, num_classes):
   """Integer ids `[B]` -> one-hot float32 `[B, C]`; `[B, C]` passes through."""
   labels = jnp.asarray(labels)
@@ -125,11 +133,7 @@ def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
         f'labels have batch size {targets.shape[0]} but logits have {batch}.')
   if label_smoothing:
     targets = smooth_labels(targets, label_smoothing)
-  if mask is None:
-    weights = jnp.full((batch,), 1.0 / batch, jnp.float32)
-  else:
-    mask = jnp.asarray(mask, jnp.float32)
-    weights = mask / jnp.maximum(jnp.sum(mask), 1.0)
+  weights = _batch_weights(mask, batch)
 
   hard = _soft_cross_entropy(targets[None], logits) @ weights   # [H]
   if num_heads == 1:
@@ -186,11 +190,7 @@ def distillation_loss(student_logits, teacher_logits, labels, *, beta=0.5,
   _check_hyper(beta, temperature)
   batch, num_classes = student_logits.shape
   targets = label_targets(labels, num_classes)
-  if mask is None:
-    weights = jnp.full((batch,), 1.0 / batch, jnp.float32)
-  else:
-    mask = jnp.asarray(mask, jnp.float32)
-    weights = mask / jnp.maximum(jnp.sum(mask), 1.0)
+  weights = _batch_weights(mask, batch)
   teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   q = jax.nn.softmax(teacher / temperature, axis=-1)
   hard = _soft_cross_entropy(targets, student_logits) @ weights
