@@ -86,7 +86,7 @@ def parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     # Raised by the config file (other than TypeError/ValueError), or by an
     # override of a key it does not have.
-    if path and not os.path.isfile(path):
+    if path and not os.path.exists(path):
       _fail(f'config file {path} does not exist (--config=).')
     if isinstance(e, (AttributeError, KeyError)):
       key = str(e).strip('"\'')
@@ -111,7 +111,7 @@ def load_config():
   if isinstance(config, ml_collections.ConfigDict):
     return config
   path = config_flags.get_config_filename(FLAGS['config']).split(':')[0]
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     _fail(f'config file {path} does not exist (--config=).')
   try:
     config.lock()  # a file that failed to load re-raises its error here

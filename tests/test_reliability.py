@@ -1,0 +1,611 @@
+"""Reliability: exact resume after kill -9, pre-emption, corrupt checkpoints,
+the non-finite guard, workdir safety, bad input, several processes, determinism.
+
+Runs go through the real CLI (`python -m collab_jax.main`) in subprocesses
+where a process has to die or several have to join; the rest is in-process.
+"""
+
+import glob
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from collab_jax import input_pipeline
+from collab_jax import train
+import testutil
+
+# Orbax leaves coroutines of a failed restore (a corrupt checkpoint) behind;
+# they are collected during a later test.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+STEPS = 16
+# The runs of these tests: label noise and augmentation on (their draws must
+# resume exactly), a log line every step, a checkpoint every other step.
+RUN = {'label_noise': 0.3, 'num_train_steps': STEPS, 'log_every_steps': 1,
+       'checkpoint_every_steps': 2}
+CACHE_ENV = {}  # the compilation cache, for subprocesses
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache while these tests run (then as before).
+
+  They compile the same tiny programs again and again, in this process and in
+  subprocesses; on a busy 2-core machine a compile takes 10-20 s, a cache hit
+  under 1 s.
+  """
+  names = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('cache')),
+           'jax_persistent_cache_min_compile_time_secs': 0,
+           'jax_persistent_cache_min_entry_size_bytes': 0}
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in names.items():
+    jax.config.update(n, v)
+    CACHE_ENV[n.upper()] = str(v)
+  compilation_cache.reset_cache()
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+  CACHE_ENV.clear()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('fmnist')
+  testutil.fake_fashion_mnist(str(d), num_train=96, num_test=40, shape=(12, 12))
+  return d
+
+
+def _config(data_dir, **overrides):
+  return testutil.tiny_config(data_dir, **{**RUN, **overrides})
+
+
+def _write_config(path, data_dir, **overrides):
+  """A config file for the CLI that returns `_config(data_dir, **overrides)`."""
+  path.write_text(
+      f'import sys\nsys.path.insert(0, {TESTS!r})\nimport testutil\n\n\n'
+      f'def get_config():\n  return testutil.tiny_config(\n'
+      f'      {str(data_dir)!r}, **{ {**RUN, **overrides}!r})\n')
+  return path
+
+
+def _env(devices=8, **extra):
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              **CACHE_ENV, **extra)
+
+
+def _start(args, log, env=None):
+  """Starts the CLI in the background, output to `log` (a path)."""
+  out = open(log, 'w')
+  return subprocess.Popen([sys.executable, '-m', 'collab_jax.main', *args],
+                          stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                          env=env or _env())
+
+
+def _run(args, env=None, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'collab_jax.main', *args],
+                        capture_output=True, text=True, cwd=REPO,
+                        env=env or _env(), timeout=timeout)
+
+
+def _train_records(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.readlines()
+  out = []
+  for line in lines:
+    try:
+      r = json.loads(line)
+    except ValueError:  # being written
+      continue
+    if r['kind'] == 'train':
+      out.append(r)
+  return out
+
+
+def _wait_for_step(workdir, step, proc, log, timeout=180):
+  """Waits until the run in `workdir` has logged `step`; returns the last step."""
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    records = _train_records(workdir)
+    if records and records[-1]['step'] >= step:
+      return records[-1]['step']
+    assert proc.poll() is None, open(log).read()[-3000:]
+    time.sleep(0.01)
+  proc.kill()
+  raise AssertionError(f'no step {step} after {timeout}s: ' + open(log).read())
+
+
+def _abstract_state(config):
+  data = train.create_data_source(config, 0)
+  model = train.create_model(config, data.num_classes)
+  tx = train.create_optimizer(config, lambda s: 0.0)
+  return jax.eval_shape(lambda: train.create_train_state(
+      jax.random.key(0), config, model, data.image_shape, tx))
+
+
+def _state(workdir, config, step=None):
+  """The full TrainState checkpointed in `workdir` (latest or `step`), numpy."""
+  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+    step = manager.latest_step() if step is None else step
+    state = manager.restore(step, args=ocp.args.StandardRestore(
+        _abstract_state(config)))
+  return jax.device_get(state)
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(x, y)
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in _train_records(workdir)}
+
+
+@pytest.fixture(scope='module')
+def baseline(data_dir, tmp_path_factory):
+  """An uninterrupted in-process run of `_config`: (workdir, results, state)."""
+  workdir = tmp_path_factory.mktemp('baseline')
+  config = _config(data_dir)
+  results = train.train_and_evaluate(config, str(workdir))
+  return workdir, results, _state(workdir, config)
+
+
+# ----------------------------------------------------------------------------
+# 1, 2. Killed or pre-empted runs resume bit-exactly.
+
+
+def test_sigkill_at_random_step_then_rerun_is_bit_identical(
+    data_dir, baseline, tmp_path):
+  base_dir, base_results, base_state = baseline
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  args = [f'--config={cfg}', f'--workdir={workdir}']
+  kill_after = random.randint(5, STEPS - 6)
+  proc = _start(args, tmp_path / 'log1')
+  killed_at = _wait_for_step(workdir, kill_after, proc, tmp_path / 'log1')
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(60) == -signal.SIGKILL
+  assert not os.path.exists(workdir / 'results.json')
+  killed_at = max(killed_at, _train_records(workdir)[-1]['step'])
+  assert killed_at < STEPS, 'the run ended before it could be killed'
+
+  out = _run(args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  resumed = [l for l in out.stdout.splitlines() if 'resuming from' in l]
+  assert resumed, out.stdout
+  resumed_at = int(resumed[0].split()[-1])
+  assert 0 < resumed_at <= killed_at, (kill_after, killed_at, resumed_at)
+  config = _config(data_dir)
+  # Params, optimizer state, BatchNorm statistics, step and counters.
+  _assert_trees_equal(_state(workdir, config), base_state)
+  with open(workdir / 'results.json') as f:
+    results = json.load(f)
+  assert results['head_test_errors'] == base_results['head_test_errors']
+  # The log holds every step once, with the uninterrupted run's losses.
+  assert [r['step'] for r in _train_records(workdir)] == list(range(1, STEPS + 1))
+  assert _losses(workdir) == _losses(base_dir)
+  # Half-written saves of the killed run are cleaned up.
+  assert not glob.glob(str(workdir / 'checkpoints' / '*orbax-checkpoint-tmp*'))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(
+    data_dir, baseline, tmp_path, sig):
+  _, _, base_state = baseline
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  args = [f'--config={cfg}', f'--workdir={workdir}']
+  proc = _start(args, tmp_path / 'log1')
+  _wait_for_step(workdir, 3, proc, tmp_path / 'log1')
+  proc.send_signal(sig)
+  assert proc.wait(120) == 0
+  log = open(tmp_path / 'log1').read()
+  stopped = [l for l in log.splitlines() if l.startswith('stopped at step')]
+  assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], log
+  assert 'Traceback' not in log
+  step = int(stopped[0].split()[3])
+  assert step < STEPS and not os.path.exists(workdir / 'results.json')
+  config = _config(data_dir)
+  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+    assert manager.latest_step() == step
+  if sig == signal.SIGINT:
+    return  # resuming is the same as after SIGTERM
+  out = _run(args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from the checkpoint at step {step}' in out.stdout
+  _assert_trees_equal(_state(workdir, config), base_state)
+
+
+# ----------------------------------------------------------------------------
+# 3. Corrupt checkpoints.
+
+
+def _garble(step_dir):
+  """Overwrites the middle of the largest file of a checkpoint with junk."""
+  files = [p for p in glob.glob(os.path.join(step_dir, '**'), recursive=True)
+           if os.path.isfile(p)]
+  biggest = max(files, key=os.path.getsize)
+  size = os.path.getsize(biggest)
+  with open(biggest, 'r+b') as f:
+    f.seek(size // 4)
+    f.write(b'\xde\xad' * (size // 4))
+  return biggest
+
+
+def test_corrupt_latest_checkpoint_is_moved_aside_and_run_falls_back(
+    data_dir, tmp_path, capsys):
+  halted = _config(data_dir, keep_checkpoints=2, halt_after_steps=6)
+  workdir = tmp_path / 'run'
+  assert train.train_and_evaluate(halted, str(workdir)) is None
+  ckpts = workdir / 'checkpoints'
+  assert sorted(os.listdir(ckpts)) == ['4', '6']
+  good_6 = _state(workdir, halted, 6)
+  garbled = _garble(str(ckpts / '6'))
+  garbled_size = os.path.getsize(garbled)
+  # A half-written save of step 8 left by a killed process.
+  shutil.copytree(ckpts / '4', ckpts / '8.orbax-checkpoint-tmp-1234567890')
+  capsys.readouterr()
+
+  assert train.train_and_evaluate(halted, str(workdir)) is None
+  out = capsys.readouterr().out
+  assert 'checkpoint at step 6 is unreadable' in out, out
+  assert 'resuming from the checkpoint at step 4' in out, out
+  # The corrupt step was moved aside with its bytes, never deleted ...
+  moved = glob.glob(str(workdir / 'corrupt_checkpoints' / '6_*'))
+  assert len(moved) == 1
+  rel = os.path.relpath(garbled, ckpts / '6')
+  assert os.path.getsize(os.path.join(moved[0], rel)) == garbled_size
+  # ... so step 6 was saved again (orbax skips a step it thinks it has), the
+  # good step 4 survived max_to_keep=2, and the half-written step 8 is gone.
+  assert sorted(os.listdir(ckpts)) == ['4', '6']
+  _assert_trees_equal(_state(workdir, halted, 6), good_6)
+
+  # A workdir whose only checkpoint is unreadable: refuse, move nothing.
+  _garble(str(ckpts / '4'))
+  shutil.rmtree(ckpts / '6')
+  with pytest.raises(train.WorkdirError, match='no checkpoint in .* is readable'):
+    train.train_and_evaluate(halted, str(workdir))
+  assert os.listdir(ckpts) == ['4']
+
+
+# ----------------------------------------------------------------------------
+# 4. Non-finite losses and gradients.
+
+
+def test_divergence_skips_updates_then_stops_with_state_intact(data_dir, tmp_path):
+  """A learning rate of 1e30 overflows the network: real NaNs, no test hook."""
+  config = _config(data_dir, learning_rate=1e30, label_noise=0.0,
+                   log_every_steps=2, max_nonfinite_streak=5,
+                   keep_checkpoints=10)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.NonFiniteError, match='consecutive steps had a '
+                     'non-finite loss or gradient.*last good checkpoint'):
+    train.train_and_evaluate(config, str(workdir))
+  records = _train_records(workdir)
+  assert records[-1]['step'] == 6  # the first log step with a streak >= 5
+  assert records[-1]['nonfinite_skipped'] == 1.0
+  assert not os.path.exists(workdir / 'results.json')
+  assert not os.path.exists(workdir / 'export')
+  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+    assert manager.all_steps() == [2, 4]  # none at the failing log step
+  at_2, at_4 = _state(workdir, config, 2), _state(workdir, config, 4)
+  for state in (at_2, at_4):
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
+               if np.issubdtype(x.dtype, np.floating))
+  # Steps 3 and 4 were skipped whole: params, optimizer and BN stats unchanged.
+  assert int(at_4.nonfinite_streak) == int(at_2.nonfinite_streak) + 2
+  assert int(at_4.step) == 4
+  _assert_trees_equal((at_2.params, at_2.opt_state, at_2.batch_stats),
+                      (at_4.params, at_4.opt_state, at_4.batch_stats))
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')
+def test_guard_rejects_an_overflowing_update(data_dir):
+  """Finite loss and gradients but an update that overflows: skipped too."""
+  config = _config(data_dir)
+  data = train.create_data_source(config, 0)
+  model = train.create_model(config, data.num_classes)
+  tx = train.create_optimizer(config, lambda s: 1e39)  # inf in float32
+  state = train.create_train_state(jax.random.key(0), config, model,
+                                   data.image_shape, tx)
+  stats = {k: tuple(v) for k, v in data.stats.items()}
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, model=model, tx=tx, config=config, data_stats=stats))
+  new, metrics = step(state, data.train_batch(0))
+  assert np.isfinite(float(metrics['loss'][0]))
+  assert float(metrics['nonfinite_skipped'][0]) == 1.0
+  _assert_trees_equal((new.params, new.opt_state, new.batch_stats),
+                      (state.params, state.opt_state, state.batch_stats))
+  assert int(new.step) == 1 and int(new.nonfinite_total) == 1
+
+
+# ----------------------------------------------------------------------------
+# 5. Workdir safety.
+
+
+def _snapshot(workdir):
+  return {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+          for dp, _, fs in os.walk(workdir) for f in fs}
+
+
+def test_workdir_of_another_config_and_finished_runs_are_left_alone(
+    data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  short = {'num_train_steps': 4, 'label_noise': 0.0}
+  assert train.train_and_evaluate(
+      _config(data_dir, halt_after_steps=2, **short), workdir) is None
+  before = _snapshot(workdir)
+  other = _config(data_dir, learning_rate=0.01, **short)
+  with pytest.raises(train.WorkdirError,
+                     match=r'different config \(learning_rate: 0.05 -> 0.01\).*'
+                     'allow_config_change=True'):
+    train.train_and_evaluate(other, workdir)
+  assert _snapshot(workdir) == before
+  # Allowed explicitly: it resumes and finishes.
+  other.allow_config_change = True
+  results = train.train_and_evaluate(other, workdir)
+  assert results['steps'] == 4
+  # A finished workdir is never trained again or rewritten, whatever the config.
+  finished = _snapshot(workdir)
+  for config in (other, _config(data_dir, num_train_steps=8,
+                                allow_config_change=True)):
+    assert train.train_and_evaluate(config, workdir) == results
+    assert _snapshot(workdir) == finished
+  with pytest.raises(train.WorkdirError, match='different config'):
+    train.train_and_evaluate(_config(data_dir, learning_rate=0.2, **short),
+                             workdir)
+  # Killed after the export but before results.json: the rerun keeps the
+  # export (it is never rewritten) and writes results.json atomically.
+  os.remove(os.path.join(workdir, 'results.json'))
+  export = {k: v for k, v in finished.items() if '/export/' in k}
+  again = train.train_and_evaluate(other, workdir)
+  assert again['head_test_errors'] == results['head_test_errors']
+  assert {k: v for k, v in _snapshot(workdir).items() if '/export/' in k} == export
+  assert not [f for f in _snapshot(workdir) if '.tmp' in f]
+
+
+# ----------------------------------------------------------------------------
+# 6. Bad input: one clear line, no traceback. (tests/test_train.py has 9 more
+# CLI cases: splits out of range, 1 branch, batch over devices, unknown method,
+# beta, unknown network, missing data dir, changed config, unknown key.)
+
+
+def _write_bad_data(d, kind):
+  """Fake Fashion-MNIST files in `d` with one defect."""
+  testutil.fake_fashion_mnist(str(d), num_train=32, num_test=16, shape=(12, 12))
+  images = d / 'train-images-idx3-ubyte.gz'
+  if kind == 'truncated':
+    with gzip.open(images) as f:
+      data = f.read()
+    with gzip.open(images, 'wb') as f:
+      f.write(data[:-100])
+  elif kind == 'magic':
+    testutil.write_idx(str(images), np.zeros((32, 12, 12)), 2049)
+  elif kind == 'shape':
+    testutil.write_idx(str(d / 't10k-images-idx3-ubyte.gz'),
+                       np.zeros((16, 10, 10)), 2051)
+  elif kind == 'count':
+    testutil.write_idx(str(d / 'train-labels-idx1-ubyte.gz'), np.zeros(31), 2049)
+  elif kind == 'not_gzip':
+    images.write_bytes(b'this is not gzip data')
+
+
+BAD_CONFIGS = [
+    ({'eval_batch_size': 12}, train.ConfigError,
+     'config.eval_batch_size: 12 does not divide over 8 devices'),
+    ({'label_noise': 1.0}, train.ConfigError,
+     'config.label_noise: 1.0 must be a fraction in [0, 1)'),
+    ({'label_noise': -0.1}, train.ConfigError,
+     'config.label_noise: -0.1 must be a fraction in [0, 1)'),
+    ({'temperature': 0.0}, train.ConfigError,
+     'config.temperature: 0.0 must be > 0'),
+    ({'learning_rate': -0.1}, train.ConfigError,
+     'config.learning_rate: -0.1 must be positive and finite'),
+    ({'learning_rate': math.inf}, train.ConfigError,
+     'config.learning_rate: inf must be positive and finite'),
+    ({'weight_decay': -1e-4}, train.ConfigError,
+     'config.weight_decay: -0.0001 must be >= 0'),
+    ({'batch_size': 0}, train.ConfigError, 'config.batch_size: 0 must be positive'),
+    ({'batch_size': 128}, train.ConfigError,
+     'config.batch_size: 128 is larger than the 96 training examples'),
+    ({'num_train_steps': -1, 'num_epochs': 0.0}, train.ConfigError,
+     'config.num_epochs: set num_epochs > 0 or num_train_steps > 0'),
+    ({'method': 'label_smoothing', 'label_smoothing': 0.0}, train.ConfigError,
+     "config.label_smoothing: method 'label_smoothing' needs an epsilon > 0"),
+    ({'method': 'alternating'}, train.ConfigError,
+     "config.model.splits: method 'alternating' (Deep Mutual Learning) trains "
+     'separate networks: use splits ((0, H),)'),
+    ({'method': 'distillation'}, train.ConfigError,
+     "config.model.splits: method 'distillation' trains one student"),
+    ({'model.splits': ((1, 2), (1, 2))}, train.ConfigError,
+     'split indices must be strictly increasing'),
+    ({'model.rescale': 'sometimes'}, train.ConfigError,
+     "config.model.rescale: 'sometimes' is not one of"),
+    ({'model.branch_impl': 'threads'}, train.ConfigError,
+     "config.model.branch_impl: 'threads' is not one of"),
+    ({'model.dtype': 'float7'}, train.ConfigError,
+     "config.model.dtype: 'float7' is not a dtype"),
+    ({'lr_schedule': 'linear'}, train.ConfigError,
+     "config.lr_schedule: 'linear' is not one of step, cosine, constant"),
+    ({'optimizer': 'adam'}, train.ConfigError,
+     "config.optimizer: 'adam': only 'sgd' is supported"),
+    ({'dataset': 'mnist'}, train.ConfigError, "config.dataset: 'mnist' is unknown"),
+    ({'checkpoint_every_steps': 0}, train.ConfigError,
+     'config.checkpoint_every_steps: 0 must be >= 1'),
+    ({'keep_checkpoints': 0}, train.ConfigError,
+     'config.keep_checkpoints: 0 must be >= 1'),
+    ({'train_subset': 1000}, input_pipeline.DatasetError,
+     'train_subset=1000 but the training set has 96 examples'),
+]
+BAD_DATA = [  # regular expressions
+    ('truncated', r'train-images-idx3-ubyte.gz is truncated \(4508 data bytes '
+     r'for shape \(32, 12, 12\)\): the file is corrupt, reinstall it'),
+    ('magic', 'has magic number 2049, expected 2051'),
+    ('shape', r'test images are \(10, 10, 1\) but training images are '
+     r'\(12, 12, 1\)'),
+    ('count', 'train files in .* disagree: 32 images but 31 labels'),
+    ('not_gzip', 'cannot read IDX file .*train-images-idx3-ubyte.gz'),
+]
+
+
+@pytest.mark.parametrize('overrides,error,message', BAD_CONFIGS,
+                         ids=[','.join(c[0]) for c in BAD_CONFIGS])
+def test_bad_config_value_is_one_clear_line(data_dir, tmp_path, overrides,
+                                            error, message):
+  config = _config(data_dir, **overrides)
+  with pytest.raises(error) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize('kind,message', BAD_DATA, ids=[k for k, _ in BAD_DATA])
+def test_bad_data_file_is_one_clear_line(tmp_path, kind, message):
+  _write_bad_data(tmp_path / 'data', kind)
+  config = _config(tmp_path / 'data')
+  with pytest.raises(input_pipeline.DatasetError, match=message) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)
+
+
+def test_bad_workdir_is_one_clear_line(data_dir, tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(train.WorkdirError, match='exists and is not a directory'):
+    train.train_and_evaluate(_config(data_dir), str(tmp_path / 'file'))
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{"seed": 0, ')
+  with pytest.raises(train.WorkdirError, match='config.json is not valid JSON'):
+    train.train_and_evaluate(_config(data_dir), str(tmp_path / 'run'))
+
+
+def _bad_config_files(tmp_path, data_dir):
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n  pass\n')
+  (tmp_path / 'raises.py').write_text(
+      'def get_config():\n  raise ValueError("no such preset")\n')
+  (tmp_path / 'none.py').write_text('def get_config():\n  return None\n')
+  return _write_config(tmp_path / 'ok.py', data_dir)
+
+
+W = '--workdir={tmp}/run'
+CLI_CASES = [
+    (['--config={tmp}/missing.py', W],
+     'config file {tmp}/missing.py does not exist'),
+    (['--config={tmp}/syntax.py', W],
+     'config file {tmp}/syntax.py line 1: SyntaxError: invalid syntax'),
+    (['--config={tmp}/raises.py', W], 'ValueError: no such preset'),
+    (['--config={tmp}/none.py', W], 'none.py: get_config() returned None; it '
+     'must return an ml_collections.ConfigDict'),
+    (['--config={tmp}/ok.py', W, '--config.batch_size=abc'],
+     'flag --config.batch_size=abc: invalid literal for int()'),
+    (['--config={tmp}/ok.py', W, '--config.model.splits=((1, 2)'],
+     'flag --config.model.splits=((1, 2)'),
+    (['--config={tmp}/ok.py', W, 'extra'], 'unexpected arguments: extra'),
+    (['--config={tmp}/ok.py'], 'flag --workdir=None'),
+    (['--config={tmp}/ok.py', '--workdir='], '--workdir is empty'),
+]
+
+
+@pytest.mark.parametrize('args,message', CLI_CASES,
+                         ids=['missing', 'syntax', 'raises', 'none', 'type',
+                              'literal', 'positional', 'no_workdir',
+                              'empty_workdir'])
+def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
+  _bad_config_files(tmp_path, data_dir)
+  args = [a.format(tmp=tmp_path) for a in args]
+  out = _run(args, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), out.stderr
+  assert message.format(tmp=tmp_path) in lines[0], lines[0]
+  assert not os.path.exists(tmp_path / 'run')
+
+
+# ----------------------------------------------------------------------------
+# 7. Several processes.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
+  """jax.distributed on localhost (gloo collectives), halted and resumed."""
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=6,
+                      log_every_steps=1, checkpoint_every_steps=2)
+  single = tmp_path / 'single'
+  one = _start([f'--config={cfg}', f'--workdir={single}'], tmp_path / 'log_single',
+               env=_env(devices=2))
+
+  multi = tmp_path / 'multi'
+  def launch(extra, tag):
+    port = _free_port()
+    procs = [_start([f'--config={cfg}', f'--workdir={multi}', *extra],
+                    tmp_path / f'log_{tag}_{i}',
+                    env=_env(devices=1, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+                             JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    for i, p in enumerate(procs):
+      try:
+        rc = p.wait(240)
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        raise
+      assert rc == 0, open(tmp_path / f'log_{tag}_{i}').read()[-3000:]
+  launch(['--config.halt_after_steps=3'], 'halted')
+  assert not os.path.exists(multi / 'results.json')
+  launch([], 'resumed')
+  assert 'resuming from the checkpoint at step 3' in open(
+      tmp_path / 'log_resumed_0').read()
+  assert one.wait(240) == 0, open(tmp_path / 'log_single').read()[-3000:]
+
+  with open(multi / 'run_info.json') as f:
+    info = json.load(f)
+  assert info['processes'] == 2 and info['devices'] == 2
+  a, b = _losses(single), _losses(multi)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)],
+                             rtol=1e-6)
+  assert os.path.exists(multi / 'export' / 'head_1')
+  with open(single / 'results.json') as f1, open(multi / 'results.json') as f2:
+    r1, r2 = json.load(f1), json.load(f2)
+  np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
+
+
+# ----------------------------------------------------------------------------
+# 8. Determinism.
+
+
+def test_same_seed_gives_bit_identical_runs(data_dir, baseline, tmp_path):
+  base_dir, base_results, base_state = baseline
+  config = _config(data_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  _assert_trees_equal(_state(tmp_path, config), base_state)
+  assert _losses(tmp_path) == _losses(base_dir)
+  assert results['head_test_errors'] == base_results['head_test_errors']
