@@ -1,10 +1,33 @@
 """Tests run on CPU with 8 fake devices (set before JAX initialises its backends)."""
 
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache():
+  """A persistent compilation cache for the session, subprocesses included.
+
+  The tests compile the same tiny programs again and again (in this process
+  and in the `python -m collab_jax.main` subprocesses); on a 2-core machine a
+  compile takes seconds, a cache hit a fraction of one. Cached executables are
+  the programs XLA would compile again, so results do not change.
+  """
+  with tempfile.TemporaryDirectory(prefix='collab_jax_test_cache_') as cache:
+    settings = {'jax_compilation_cache_dir': cache,
+                'jax_persistent_cache_min_compile_time_secs': 0,
+                'jax_persistent_cache_min_entry_size_bytes': 0}
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      os.environ[name.upper()] = str(value)  # inherited by subprocesses
+    yield cache
+    for name in settings:
+      os.environ.pop(name.upper(), None)

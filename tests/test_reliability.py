@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -40,30 +39,6 @@ STEPS = 16
 # resume exactly), a log line every step, a checkpoint every other step.
 RUN = {'label_noise': 0.3, 'num_train_steps': STEPS, 'log_every_steps': 1,
        'checkpoint_every_steps': 2}
-CACHE_ENV = {}  # the compilation cache, for subprocesses
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """A persistent compilation cache while these tests run (then as before).
-
-  They compile the same tiny programs again and again, in this process and in
-  subprocesses; on a busy 2-core machine a compile takes 10-20 s, a cache hit
-  under 1 s.
-  """
-  names = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('cache')),
-           'jax_persistent_cache_min_compile_time_secs': 0,
-           'jax_persistent_cache_min_entry_size_bytes': 0}
-  old = {n: getattr(jax.config, n) for n in names}
-  for n, v in names.items():
-    jax.config.update(n, v)
-    CACHE_ENV[n.upper()] = str(v)
-  compilation_cache.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-  CACHE_ENV.clear()
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +64,7 @@ def _write_config(path, data_dir, **overrides):
 def _env(devices=8, **extra):
   return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              **CACHE_ENV, **extra)
+              **extra)
 
 
 def _start(args, log, env=None):
