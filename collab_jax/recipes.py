@@ -155,18 +155,23 @@ def imagenet(graph, **overrides):
 def fashion_mnist_study(graph):
   """The Fashion-MNIST analogue of the paper's experiments (experiments/).
 
-  Sized for 2 CPU cores: a narrow CIFAR-style ResNet-8, a fixed class-balanced
-  training subset (the regime where regularisation matters; the test set is
-  always the whole 10k) and a short cosine schedule. Every graph of the
-  paper's tables is available by name (`single`, `label_smoothing`,
-  `h2_instances`, `h4_instances`, `h2_simple`, `h4_simple`, `h4_hierarchical`).
+  Sized for 2 CPU cores and chosen to be in the paper's regime, where the
+  single network fits its training set (training error reaches 0 %, as the
+  CIFAR ResNets do after 164 epochs): a CIFAR-style ResNet-8 of width 16 on a
+  fixed, class-balanced 1,000-image training subset, no augmentation, 100
+  epochs (700 steps of 128) with a cosine schedule; the test set is always the
+  whole 10k. experiments/README.md records the pilots behind this choice.
+  Every graph of the paper's tables is available by name (`single`,
+  `label_smoothing`, `h2_instances`, `h4_instances`, `h2_simple`, `h4_simple`,
+  `h4_hierarchical`).
   """
   c = base_config()
-  c.model.kwargs = ml_collections.ConfigDict({'width': 8})
-  c.train_subset = 5000
-  c.num_epochs = 15.0
+  c.model.kwargs = ml_collections.ConfigDict({'width': 16})
+  c.train_subset = 1000
+  c.augment = False
+  c.num_epochs = 100.0
   c.eval_every_epochs = 0.0
-  c.log_every_steps = 39
-  c.checkpoint_every_steps = 200
+  c.log_every_steps = 70
+  c.checkpoint_every_steps = 140
   c.label_smoothing = 0.05
   return _apply_graph(c, graph)
