@@ -98,18 +98,35 @@ def loss_scale(rescale: str, heads: int) -> float:
   return 1.0 / heads if rescale == 'loss' else 1.0
 
 
+def _run_stages(module, x):
+  """Applies `module.stages` in order as children `stage_{i}` of `module`.
+
+  With `module.remat`, every stage is rematerialised (`nn.remat`): its
+  activations are recomputed in the backward pass instead of being kept, so
+  only stage boundaries stay live. The stages are created inside the lifted
+  function as children of `module`, so the variable layout is the same.
+  """
+  for offset, make_stage in enumerate(module.stages):
+    name = f'stage_{module.first_index + offset}'
+    if module.remat:
+      apply = lambda mdl, y, make=make_stage, name=name: make(name=name)(
+          y, train=mdl.train)
+      x = nn.remat(apply)(module, x)
+    else:
+      x = make_stage(name=name)(x, train=module.train)
+  return x
+
+
 class Segment(nn.Module):
   """Consecutive stages `first_index, first_index + 1, ...` applied in order."""
   stages: Sequence[StageFactory]
   first_index: int
   train: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
-    for offset, make_stage in enumerate(self.stages):
-      x = make_stage(name=f'stage_{self.first_index + offset}')(
-          x, train=self.train)
-    return x
+    return _run_stages(self, x)
 
 
 class StageNetwork(nn.Module):
@@ -132,13 +149,11 @@ class ScanSegment(nn.Module):
   stages: Sequence[StageFactory]
   first_index: int
   train: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, carry, x):
-    for offset, make_stage in enumerate(self.stages):
-      x = make_stage(name=f'stage_{self.first_index + offset}')(
-          x, train=self.train)
-    return carry, x
+    return carry, _run_stages(self, x)
 
 
 _VARIABLE_AXES = {'params': 0, 'batch_stats': 0}
@@ -184,11 +199,15 @@ class HeadTree(nn.Module):
       same stacked parameter layout; which is faster depends on the backend
       (on XLA:CPU, vmapped convolutions become slow grouped convolutions, so
       'loop' is the default; see experiments/results/bench.md).
+    remat: rematerialise every stage (`nn.remat`): activations inside a
+      stage are recomputed in the backward pass instead of stored. Same
+      function, same variables; less memory for more compute.
   """
   stages: Sequence[StageFactory]
   splits: Sequence[Tuple[int, int]] = ()
   rescale: str = 'backprop'
   branch_impl: str = 'loop'
+  remat: bool = False
 
   def __post_init__(self):
     validate_splits(self.splits, len(self.stages))
@@ -213,14 +232,14 @@ class HeadTree(nn.Module):
 
     first = bounds[0]
     if first > 0:
-      x = Segment(stages[:first], 0, train, name='trunk')(x)
+      x = Segment(stages[:first], 0, train, self.remat, name='trunk')(x)
 
     for level, (start, b) in enumerate(splits, 1):
       end = bounds[level]
       if self.rescale == 'backprop':
         x = rescale_lib.backprop_rescale(x, 1.0 / b)
       level_module = _stacked(branches[:level], self.branch_impl)(
-          stages[start:end], start, train, name=f'level_{level}')
+          stages[start:end], start, train, self.remat, name=f'level_{level}')
       if self.branch_impl == 'vmap':
         x = level_module(x)
       else:

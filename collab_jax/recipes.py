@@ -48,6 +48,7 @@ def base_config():
   c.model.rescale = 'backprop'     # backprop|none|loss (paper Table 3)
   c.model.branch_impl = 'loop'     # loop (branches in sequence) | vmap (batched); see bench
   c.model.dtype = 'float32'        # computation dtype; 'bfloat16' for mixed precision
+  c.model.remat = False            # rematerialise every stage (HeadTree.remat): less memory, more compute
   # Method and loss.
   c.method = 'collaborative'       # collaborative|label_smoothing|distillation|alternating
   c.beta = 0.5                     # weight of the hard loss (paper: 0.5)
