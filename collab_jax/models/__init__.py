@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from collab_jax.models.cifar_resnet import cifar_resnet
 from collab_jax.models.densenet import densenet
 from collab_jax.models.imagenet_resnet import imagenet_resnet
+from collab_jax.models.layers import compiler_options
 
 NETWORKS = {
     **{f'cifar_resnet{d}': functools.partial(cifar_resnet, d)

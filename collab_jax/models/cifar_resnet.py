@@ -34,7 +34,7 @@ class BasicBlock(nn.Module):
       x = x[:, ::self.strides, ::self.strides, :]
       pad = self.features - x.shape[-1]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
-    return nn.relu(x + y)
+    return layers.materialize(nn.relu(x + y))
 
 
 class CifarResNetStage(nn.Module):
@@ -52,6 +52,7 @@ class CifarResNetStage(nn.Module):
     if self.stem:
       x = layers.conv(self.features, 3, 1, self.dtype, name='stem_conv')(x)
       x = nn.relu(layers.batch_norm(train, self.dtype, name='stem_bn')(x))
+      x = layers.materialize(x)
     for i in range(self.num_blocks):
       x = BasicBlock(self.features, self.strides if i == 0 else 1, train,
                      self.dtype, name=f'block_{i}')(x)

@@ -38,7 +38,7 @@ class Bottleneck(nn.Module):
       x = layers.conv(4 * self.features, 1, self.strides, self.dtype,
                       name='proj_conv')(x)
       x = layers.batch_norm(self.train, self.dtype, name='proj_bn')(x)
-    return nn.relu(x + y)
+    return layers.materialize(nn.relu(x + y))
 
 
 class ResNetStage(nn.Module):

@@ -3,6 +3,7 @@
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # He et al. 2015 initialisation (fan-out, as in the reference ResNet code).
@@ -34,3 +35,33 @@ def classifier(x, num_classes, dtype):
 def partial_stage(cls, **kwargs):
   """A stage factory: `cls` with its hyper-parameters bound."""
   return functools.partial(cls, **kwargs)
+
+
+def materialize(x):
+  """Marks a residual-block output as a value to store, not to recompute.
+
+  XLA treats the BatchNorm-add-ReLU chain of a residual stage as cheap
+  elementwise work and fuses (duplicates) all of it into every consumer; in
+  the backward pass each weight-gradient convolution transposes its input,
+  and that transpose recomputed the whole chain of earlier blocks (quadratic
+  in the depth; 60 % of a ResNet-32 step on XLA:CPU). An optimisation barrier
+  stops the duplication. The value is exact either way (a barrier is the
+  identity). XLA:CPU removes barriers before fusion unless the step is
+  compiled with `compiler_options(platform)`, so without them nothing
+  changes; a backend that keeps barriers only stops fusing across a value
+  that is stored anyway (the next convolution's input). Measured on CPU
+  only (experiments/results/bench.md).
+  """
+  return jax.lax.optimization_barrier(x)
+
+
+def compiler_options(platform):
+  """XLA compile options under which `materialize` takes effect.
+
+  For `jax.jit(..., compiler_options=...)` of the train step: on CPU, keep
+  optimisation barriers through fusion (XLA's `cse_barrier_expander` pass
+  would remove them). Measured in experiments/results/bench.md.
+  """
+  if platform == 'cpu':
+    return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  return {}
