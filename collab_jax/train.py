@@ -68,7 +68,8 @@ def create_model(config, num_classes):
   stages = models.get_stages(m.name, num_classes, dtype=m.dtype,
                              **dict(m.get('kwargs', {})))
   return heads_lib.HeadTree(stages, tuple(tuple(s) for s in m.splits),
-                            rescale=m.rescale, branch_impl=m.branch_impl)
+                            rescale=m.rescale, branch_impl=m.branch_impl,
+                            remat=m.get('remat', False))
 
 
 def create_learning_rate_fn(config, steps_per_epoch):
@@ -846,10 +847,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   step_kwargs = dict(model=model, tx=tx, config=config, data_stats=stats)
   if teacher_apply is not None:
     step_kwargs['teacher_apply'] = teacher_apply
+  # On XLA:CPU keep the residual outputs' optimisation barriers through
+  # fusion (models.layers.materialize; measured in experiments/results/bench.md).
+  options = models.compiler_options(jax.devices()[0].platform) or None
   jit_train = jax.jit(functools.partial(step_impl, **step_kwargs),
                       in_shardings=(replicated, data_sharding, replicated),
                       out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
+                      donate_argnums=(0,), compiler_options=options)
   jit_eval = jax.jit(functools.partial(eval_step, model=model, config=config,
                                        data_stats=stats),
                      in_shardings=(replicated, data_sharding),
