@@ -208,61 +208,96 @@ def _summary(times, batch):
 # Sections.
 
 
-def run_graphs(setting_name, make_config, graphs, timing, torch_graphs=(),
-               torch_timing=None, keep=(), log=print):
-  """Every graph of one setting; PyTorch A-B-A rounds for `torch_graphs`.
+def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
+               torch_graphs=(), torch_timing=None, keep=(), log=print):
+  """Every graph of one setting, timed in interleaved rounds.
+
+  All graphs are compiled first, then timed round-robin (`rounds` times), so
+  a change of load from other processes hits every graph alike; the time
+  ratio of a graph is the median over rounds of its ratio to the single
+  model in the same round. The PyTorch peer runs between the first and the
+  second round (so ours brackets it), single and 4-head adjacent.
 
   Returns:
     (rows, PyTorch rows, {graph: compiled Step} for the graphs in `keep`).
   """
-  rows, torch_rows, kept = [], [], {}
+  steps, rows = {}, {}
   for graph in graphs:
     config = make_config(graph)
-    step = Step(config)
-    times = step.time(**timing)
-    row = {'setting': setting_name, 'graph': graph,
-           'splits': [list(s) for s in config.model.splits],
-           'heads': step.model.num_heads, 'batch': config.batch_size,
-           'compiler_options': step.compiler_options,
-           'compile_s': step.compile_s, **step.program,
-           'runtime_peak_bytes': runtime_peak_bytes(jax.devices()[0])}
-    if graph in torch_graphs:
-      splits = tuple(tuple(s) for s in config.model.splits)
-      for fmt in ('channels_last', 'nchw'):
-        for threads in sorted({1, os.cpu_count() or 1}):
-          r = torch_reference.measure(splits, batch=config.batch_size,
-                                      channels_last=fmt == 'channels_last',
-                                      num_threads=threads, **torch_timing)
-          r['graph'] = graph
-          r['load_1min'] = os.getloadavg()[0]
-          torch_rows.append(r)
-          log(f'  torch {graph:<16} {fmt:<14} {threads} thread(s) '
-              f'{1e3 * r["step_s"]:8.1f} ms {r["images_per_s"]:7.1f} img/s  '
-              f'load {r["load_1min"]:.2f}')
-      times += step.time(**{**timing, 'warmup': 1})  # second round of ours
-    row.update(_summary(times, config.batch_size))
-    row['load_1min'] = os.getloadavg()[0]
-    rows.append(row)
-    log(f'  {setting_name} {graph:<16} {1e3 * row["step_s"]:8.1f} ms '
-        f'{row["images_per_s"]:7.1f} img/s  compile {row["compile_s"]:5.1f} s  '
-        f'{row.get("flops_per_step", 0) / 1e9:7.1f} GFLOP  '
-        f'{row.get("memory_bytes", 0) / MiB:7.1f} MiB  '
-        f'load {os.getloadavg()[0]:.2f}')
-    if graph in keep:
-      kept[graph] = step
-    del step
-  single = rows[0]
-  for row in rows:
-    row['time_ratio'] = row['step_s'] / single['step_s']
+    step = steps[graph] = Step(config)
+    rows[graph] = {'setting': setting_name, 'graph': graph,
+                   'splits': [list(s) for s in config.model.splits],
+                   'heads': step.model.num_heads, 'batch': config.batch_size,
+                   'compiler_options': step.compiler_options,
+                   'compile_s': step.compile_s, **step.program,
+                   'runtime_peak_bytes': runtime_peak_bytes(jax.devices()[0])}
+    log(f'  {setting_name} {graph:<16} compiled in {step.compile_s:5.1f} s  '
+        f'{step.program.get("flops_per_step", 0) / 1e9:7.1f} GFLOP  '
+        f'{step.program.get("memory_bytes", 0) / MiB:7.1f} MiB')
+  per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
+                   min_steps=max(2, -(-timing['min_steps'] // rounds)),
+                   max_steps=max(2, -(-timing['max_steps'] // rounds)))
+  times = {g: [] for g in graphs}
+  medians = {g: [] for g in graphs}
+  loads = []
+  torch_rows = []
+  for r in range(rounds):
+    for graph in graphs:
+      t = steps[graph].time(**dict(per_round,
+                                   warmup=timing['warmup'] if r == 0 else 1))
+      times[graph] += t
+      medians[graph].append(statistics.median(t))
+    loads.append(os.getloadavg()[0])
+    log(f'  {setting_name} round {r + 1}/{rounds}: ' + ', '.join(
+        f'{g} {1e3 * medians[g][-1]:.0f} ms' for g in graphs) +
+        f'  load {loads[-1]:.2f}')
+    if r == 0 and torch_graphs:
+      torch_rows = run_torch(
+          {g: tuple(tuple(s) for s in steps[g].config.model.splits)
+           for g in torch_graphs}, steps[graphs[0]].config.batch_size,
+          torch_timing, log=log)
+  single = graphs[0]
+  kept = {g: steps[g] for g in graphs if g in keep}
+  del steps
+  out = []
+  for graph in graphs:
+    row = rows[graph]
+    row.update(_summary(times[graph], row['batch']))
+    row['round_step_s'] = medians[graph]
+    row['load_1min'] = statistics.median(loads)
+    row['time_ratio'] = statistics.median(
+        a / b for a, b in zip(medians[graph], medians[single]))
     if 'flops_per_step' in row:
-      row['flop_ratio'] = row['flops_per_step'] / single['flops_per_step']
+      row['flop_ratio'] = row['flops_per_step'] / rows[single]['flops_per_step']
     if 'memory_bytes' in row:
-      row['memory_ratio'] = row['memory_bytes'] / single['memory_bytes']
+      row['memory_ratio'] = row['memory_bytes'] / rows[single]['memory_bytes']
       row['memory_ratio_unaliased'] = (row['memory_bytes_unaliased'] /
-                                       single['memory_bytes_unaliased'])
-    if row['graph'] in PAPER_TABLE4:
-      row['paper_time_ratio'], row['paper_memory_ratio'] = PAPER_TABLE4[row['graph']]
-  return rows, torch_rows, kept
+                                       rows[single]['memory_bytes_unaliased'])
+    if graph in PAPER_TABLE4:
+      row['paper_time_ratio'], row['paper_memory_ratio'] = PAPER_TABLE4[graph]
+    log(f'  {setting_name} {graph:<16} {1e3 * row["step_s"]:8.1f} ms '
+        f'{row["images_per_s"]:7.1f} img/s  time x{row["time_ratio"]:.2f} '
+        f'(FLOPs x{row.get("flop_ratio", float("nan")):.2f})')
+    out.append(row)
+  return out, torch_rows, kept
+
+
+def run_torch(graph_splits, batch, torch_timing, log=print):
+  """The PyTorch peer: every format and thread count, graphs adjacent."""
+  rows = []
+  for fmt in ('channels_last', 'nchw'):
+    for threads in sorted({1, os.cpu_count() or 1}):
+      for graph, splits in graph_splits.items():
+        r = torch_reference.measure(splits, batch=batch,
+                                    channels_last=fmt == 'channels_last',
+                                    num_threads=threads, **torch_timing)
+        r['graph'] = graph
+        r['load_1min'] = os.getloadavg()[0]
+        rows.append(r)
+        log(f'  torch {graph:<16} {fmt:<14} {threads} thread(s) '
+            f'{1e3 * r["step_s"]:8.1f} ms {r["images_per_s"]:7.1f} img/s  '
+            f'load {r["load_1min"]:.2f}')
+  return rows
 
 
 def run_impl(make_config, graphs, timing, vmap_timing, log=print):
@@ -347,47 +382,62 @@ OPTION_VARIANTS = {
 }
 
 
-def run_options(kept, variants, timing, back_to_back_steps, log=print):
-  """Variants of the kept (already compiled) steps, each timed right after
-  its baseline is timed again: barriers before/after, bfloat16, remat,
-  data parallelism over CPU devices."""
+def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
+                log=print):
+  """Variants of the kept (already compiled) steps, timed in rounds with them.
+
+  Barriers before/after, bfloat16, remat, data parallelism over CPU devices;
+  each graph's variants are compiled, then timed round-robin with its
+  baseline like `run_graphs` does, and compared per round.
+  """
   rows = []
+  per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
+                   min_steps=max(2, -(-timing['min_steps'] // rounds)),
+                   max_steps=max(2, -(-timing['max_steps'] // rounds)))
   for graph, base_step in kept.items():
-    base = None
-    for name in ('float32',) + tuple(variants[graph]):
-      opts = OPTION_VARIANTS.get(name, {})
-      if name == 'float32':
-        step, devices = base_step, jax.devices()[:1]
-      else:
-        config = base_step.config.copy_and_resolve_references()
-        if 'dtype' in opts:
-          config.model.dtype = opts['dtype']
-        devices = jax.devices()[:1] if 'devices' not in opts else jax.devices()
-        if len(devices) == 1 and 'devices' in opts:
+    steps = {'float32': base_step}
+    for name in variants[graph]:
+      opts = OPTION_VARIANTS[name]
+      devices = jax.devices() if 'devices' in opts else jax.devices()[:1]
+      if 'devices' in opts:
+        if len(devices) == 1:
           continue
-        step = Step(config, devices=devices, remat=opts.get('remat', False),
-                    compiler_options=opts.get('compiler_options'))
-        if name == 'CPU devices':
-          name = f'{len(devices)} CPU devices'
-      times = step.time(**timing)
-      config = step.config
-      row = {'graph': graph, 'variant': name, 'batch': config.batch_size,
-             'devices': len(devices), 'compiler_options': step.compiler_options,
+        name = f'{len(devices)} CPU devices'
+      config = base_step.config.copy_and_resolve_references()
+      if 'dtype' in opts:
+        config.model.dtype = opts['dtype']
+      steps[name] = Step(config, devices=devices, remat=opts.get('remat', False),
+                         compiler_options=opts.get('compiler_options'))
+    times = {n: [] for n in steps}
+    medians = {n: [] for n in steps}
+    for r in range(rounds):
+      for name, step in steps.items():
+        t = step.time(**dict(per_round, warmup=timing['warmup'] if r == 0 else 1))
+        times[name] += t
+        medians[name].append(statistics.median(t))
+    load = os.getloadavg()[0]
+    base = None
+    for name, step in steps.items():
+      row = {'graph': graph, 'variant': name, 'batch': step.config.batch_size,
+             'devices': step.state.step.sharding.num_devices,
+             'compiler_options': step.compiler_options,
              'compile_s': step.compile_s, **step.program,
-             **_summary(times, config.batch_size)}
+             **_summary(times[name], step.config.batch_size),
+             'round_step_s': medians[name], 'load_1min': load}
       if name == 'float32' and back_to_back_steps:  # no syncs in between
         row['back_to_back_step_s'] = step.time_back_to_back(back_to_back_steps)
       if base is None:
         base = row
-      row['time_vs_float32'] = row['step_s'] / base['step_s']
+      row['time_vs_float32'] = statistics.median(
+          a / b for a, b in zip(medians[name], medians['float32']))
       if 'memory_bytes' in row:
         row['memory_vs_float32'] = row['memory_bytes'] / base['memory_bytes']
       rows.append(row)
-      log(f'  option {graph:<16} {name:<16} {1e3 * row["step_s"]:8.1f} ms '
+      log(f'  option {graph:<16} {name:<20} {1e3 * row["step_s"]:8.1f} ms '
           f'x{row["time_vs_float32"]:.2f} time, '
           f'x{row.get("memory_vs_float32", float("nan")):.2f} memory  '
-          f'load {os.getloadavg()[0]:.2f}')
-      del step
+          f'load {load:.2f}')
+    del steps
   return rows
 
 
@@ -439,8 +489,13 @@ def write_report(out_dir, result):
        'with the state donated as in `train_and_evaluate`, on one device, '
        'compiled with `compiler_options='
        f'{env["compiler_options"]}` (`collab_jax.models.compiler_options`; '
-       'see Options for before/after), after compilation and warm-up; step '
-       'time is the median over the timed steps, each waited for. FLOPs are the compiled step\'s '
+       'see Options for before/after), after compilation and warm-up. The '
+       'graphs of a setting are compiled first and then timed round-robin in '
+       '3 rounds, so that load from other processes hits all of them alike: '
+       'step time is the median over all timed steps (each waited for), the '
+       'time ratio the median over rounds of the ratio to the single model '
+       'in the same round, load the median 1-minute load average after each '
+       'round. FLOPs are the compiled step\'s '
        '`cost_analysis()["flops"]`; memory is the compiled program\'s '
        '`memory_analysis()`: temp + argument + output bytes, and the same '
        'minus the donated (aliased) state, which is both an argument and an '
@@ -454,8 +509,8 @@ def write_report(out_dir, result):
           '): the same ResNet-32 head tree, loss and SGD step on a fixed '
           'random float batch of 128 (ours also augments uint8 images on the '
           'device), each memory format with 1 thread and with one per core. '
-          'Timed between two rounds of ours (ours: the median of both '
-          'rounds). PyTorch\'s OpenMP threads degrade badly when other '
+          'Timed between the first and the second round of ours (ours: the '
+          'median over all rounds). PyTorch\'s OpenMP threads degrade badly when other '
           'processes hold the cores, hence both thread counts; the goal '
           'compares against the best PyTorch row.', '',
           '| graph | PyTorch format | threads | PyTorch img/s | ours img/s '
@@ -673,7 +728,7 @@ def main(argv=None):
     log('bench: torch is not installed; skipping the PyTorch peer '
         '(pip install torch==2.13.0, or make bench)')
 
-  if 'graphs' in sections or with_torch or 'pipeline' in sections:
+  if sections & {'graphs', 'pipeline', 'options'} or with_torch:
     log('section graphs: CIFAR ResNet-32')
     rows, torch_rows, kept = run_graphs(
         'CIFAR ResNet-32', cifar, graphs if 'graphs' in sections else
@@ -729,9 +784,10 @@ def main(argv=None):
                                     log=log)
     del kept_steps
     result['options_description'] = (
-        'ResNet-32 at batch 128, each variant compiled and timed in turn, '
-        'all against the first row (what every other section runs: float32, '
-        'one device, `models.compiler_options(platform)`). "before: XLA '
+        'ResNet-32 at batch 128; each graph\'s variants are compiled and then '
+        'timed round-robin with its baseline (3 rounds; time ratio = median '
+        'over rounds), against the first row (what every other section '
+        'runs: float32, one device, `models.compiler_options(platform)`). "before: XLA '
         'default": compiled without those options, so XLA:CPU drops the '
         'optimisation barriers after residual blocks (`layers.materialize`) '
         'and recomputes the chain of earlier blocks inside the backward '
