@@ -195,6 +195,8 @@ def _mean_std(values):
 def _fmt(mean, std, n):
   if mean is None:
     return 'n/a (0 runs)'
+  if n == 1:  # no spread from one run
+    return f'{mean:.2f} (n=1)'
   return f'{mean:.2f} +- {std:.2f} (n={n})'
 
 
