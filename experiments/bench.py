@@ -722,7 +722,8 @@ def main(argv=None):
     graphs = GRAPHS
     imagenet_graphs = tuple(args.imagenet_graphs.split(','))
     option_variants = {'single': tuple(OPTION_VARIANTS),
-                       'h4_hierarchical': ('before: XLA default', 'remat')}
+                       'h4_hierarchical': ('before: XLA default', 'remat',
+                                           'CPU devices')}
   with_torch = 'torch' in sections and torch_reference.torch_available()
   if 'torch' in sections and not with_torch:
     log('bench: torch is not installed; skipping the PyTorch peer '
