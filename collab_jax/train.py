@@ -567,11 +567,20 @@ def _checkpoint_manager(workdir, config, cleanup=False):
   `cleanup` removes the `<step>.orbax-checkpoint-tmp-*` folders of saves that
   a killed run left half-written (orbax never lists them as steps).
   """
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           cleanup_tmp_directories=cleanup))
+  if cleanup:
+    # Orbax removes the folders in a background thread, and waits for it only
+    # at the first save. Wait now: anything that patches file access in the
+    # meantime (tfds.testing.mock_data does, process-wide) would redirect the
+    # thread's paths, and a slow cleanup would race the restore.
+    wait = getattr(manager, '_maybe_await_cleanup_tmp_directory', None)
+    if wait is not None:
+      wait()
+  return manager
 
 
 def restore_latest(manager, abstract_state, corrupt_dir=None):

@@ -19,6 +19,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -268,6 +269,22 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_run_falls_back(
 
 # ----------------------------------------------------------------------------
 # 4. Non-finite losses and gradients.
+
+
+def test_half_written_saves_are_gone_when_the_manager_returns(tmp_path):
+  # Orbax cleans them up in a background thread; the trainer waits for it so
+  # that nothing afterwards (dataset loading under tfds.testing.mock_data
+  # patches file access process-wide) races the cleanup.
+  tmp = tmp_path / 'checkpoints' / '8.orbax-checkpoint-tmp-1234567890'
+  tmp.mkdir(parents=True)
+  (tmp / 'payload').write_bytes(b'x' * 1000)
+  config = ml_collections.ConfigDict({'keep_checkpoints': 2})
+  manager = train._checkpoint_manager(str(tmp_path), config, cleanup=True)
+  try:
+    assert hasattr(manager, '_maybe_await_cleanup_tmp_directory')
+    assert not tmp.exists()
+  finally:
+    manager.close()
 
 
 def test_divergence_skips_updates_then_stops_with_state_intact(data_dir, tmp_path):
