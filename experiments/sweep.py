@@ -4,6 +4,8 @@ Each run is `python -m collab_jax.main` in its own workdir
 `<root>/<sweep>/<row>/seed_<k>` (a subprocess, so a stopped sweep leaves
 resumable checkpoints). A run whose `results.json` exists is skipped, so
 re-running a finished sweep trains nothing and rewrites identical tables.
+A run identical to one of an earlier sweep (same resolved config and seed,
+see `run_key`) is that sweep's run: trained once, counted in both tables.
 Tables (mean +- std of head 1's test error, with the run count of each cell)
 go to `experiments/results/<sweep>.md` and `.json`.
 
@@ -16,7 +18,11 @@ The paper's own sweeps (CIFAR-10/100, ImageNet configs) are defined here too
 """
 
 import argparse
+import copy
 import dataclasses
+import fcntl
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -128,8 +134,7 @@ def _slug(text):
   return '_'.join(p for p in keep.split('_') if p)
 
 
-def run_dirs(sweep, root) -> List[Tuple[Row, float, int, str]]:
-  """(row, noise, seed, workdir) of every run of `sweep`."""
+def _own_dirs(sweep, root):
   out = []
   for row in sweep.rows:
     for noise in sweep.noise_levels:
@@ -139,6 +144,61 @@ def run_dirs(sweep, root) -> List[Tuple[Row, float, int, str]]:
           parts.append(f'noise_{int(round(noise * 100)):02d}')
         parts.append(f'seed_{seed}')
         out.append((row, noise, seed, os.path.join(*parts)))
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load_config(config):
+  """`get_config(arg)` of a `path[:arg]` config file, as a plain dict."""
+  path, _, arg = config.partition(':')
+  spec = importlib.util.spec_from_file_location(
+      'sweep_config', path if os.path.isabs(path) else os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return (module.get_config(arg) if arg else module.get_config()).to_dict()
+
+
+def run_key(row, noise, seed, extra=()):
+  """What a run computes: its resolved config (plus the command-line extras).
+
+  Two runs with equal keys are the same run, so sweeps share it (Figure 3's
+  0 % noise cells are Table 1's runs; Table 2's single and T = 2 rows are
+  Table 1's single and 2 instances). The keys ignore `progress`.
+  """
+  config = copy.deepcopy(_load_config(row.config))
+  for key, value in (*row.overrides, ('seed', seed), ('label_noise', noise)):
+    node = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise SystemExit(f'{row.config}: override {key!r} names no config field.')
+    node[leaf] = value
+  config.pop('progress', None)
+  return json.dumps(config, sort_keys=True, default=str), tuple(extra)
+
+
+def run_dirs(sweep, root, extra=()) -> List[Tuple[Row, float, int, str]]:
+  """(row, noise, seed, workdir) of every run of `sweep`.
+
+  A run's workdir is `<root>/<sweep>/<row>[/noise_<p>]/seed_<k>`, unless an
+  identical run (same `run_key`) belongs to a sweep defined earlier in
+  `SWEEPS`: then it is that sweep's workdir, trained once for both.
+  """
+  owners = {}
+  for other in SWEEPS.values():
+    if other.name == sweep.name:
+      break
+    for row, noise, seed, workdir in _own_dirs(other, root):
+      try:
+        owners.setdefault(run_key(row, noise, seed, extra), workdir)
+      except (OSError, ImportError):  # a config this checkout cannot load
+        continue
+  out = []
+  for row, noise, seed, workdir in _own_dirs(sweep, root):
+    if owners:
+      workdir = owners.get(run_key(row, noise, seed, extra), workdir)
+    out.append((row, noise, seed, workdir))
   return out
 
 
@@ -159,20 +219,33 @@ def run_sweep(sweep, root, extra=(), log=print, max_seeds=None):
   `max_seeds` limits this pass to seeds `< max_seeds`, so that a long
   sweep fills every cell once before adding seeds.
   """
-  todo = [r for r in run_dirs(sweep, root)
+  runs = run_dirs(sweep, root, extra)
+  todo = [r for r in runs
           if not os.path.exists(os.path.join(r[3], 'results.json'))
           and (max_seeds is None or r[2] < max_seeds)]
-  runs = run_dirs(sweep, root)
   done = sum(os.path.exists(os.path.join(r[3], 'results.json')) for r in runs)
   log(f'{sweep.name}: {done}/{len(runs)} runs finished, {len(todo)} to go'
       + (f' in this pass (seeds < {max_seeds})' if max_seeds else ''))
+  ran = 0
   for i, (row, noise, seed, workdir) in enumerate(todo):
     cmd = _command(row, noise, seed, workdir, extra)
     log(f'[{i + 1}/{len(todo)}] {row.name} noise={noise} seed={seed} -> {workdir}')
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'stdout.log'), 'a') as out:
+    # Shared runs can be due in two sweep processes at once: one trains.
+    lock = open(os.path.join(workdir, '.sweep.lock'), 'w')
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.close()
+      log('    another sweep process is training it; skipped in this pass')
+      continue
+    with lock, open(os.path.join(workdir, 'stdout.log'), 'a') as out:
+      if os.path.exists(os.path.join(workdir, 'results.json')):
+        log('    finished meanwhile by another sweep process')
+        continue
       proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    ran += 1
     if proc.returncode != 0:
       raise SystemExit(f'run failed (exit {proc.returncode}); see '
                        f'{workdir}/stdout.log. Rerun the sweep to resume.')
@@ -180,7 +253,7 @@ def run_sweep(sweep, root, extra=(), log=print, max_seeds=None):
       raise SystemExit(f'run stopped before finishing ({workdir}); rerun the '
                        'sweep to resume it.')
     log(f'    finished in {time.time() - t0:.0f} s')
-  return len(todo)
+  return ran
 
 
 def _mean_std(values):
@@ -200,18 +273,20 @@ def _fmt(mean, std, n):
   return f'{mean:.2f} +- {std:.2f} (n={n})'
 
 
-def aggregate(sweep, root):
+def aggregate(sweep, root, extra=()):
   """Collects finished runs into a table dict (JSON-ready)."""
   cells = []
+  all_runs = run_dirs(sweep, root, extra)
   for row in sweep.rows:
     for noise in sweep.noise_levels:
       runs = []
-      for r, nz, seed, workdir in run_dirs(sweep, root):
+      for r, nz, seed, workdir in all_runs:
         path = os.path.join(workdir, 'results.json')
         if r == row and nz == noise and os.path.exists(path):
           with open(path) as f:
             res = json.load(f)
-          runs.append({'seed': seed, 'head_1': res['head_1_test_error'],
+          runs.append({'seed': seed, 'workdir': os.path.relpath(workdir, root),
+                       'head_1': res['head_1_test_error'],
                        'heads': res['head_test_errors'],
                        'ensemble': res['ensemble_test_error'],
                        'steps': res['steps'],
@@ -281,8 +356,8 @@ def plot_noise(table, path):
   plt.close(fig)
 
 
-def write_tables(sweep, root, out_dir=RESULTS):
-  table = aggregate(sweep, root)
+def write_tables(sweep, root, out_dir=RESULTS, extra=()):
+  table = aggregate(sweep, root, extra)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
     json.dump(table, f, indent=2, sort_keys=True)
@@ -322,7 +397,7 @@ def main(argv=None):
     t0 = time.time()
     if not args.aggregate_only:
       run_sweep(sweep, args.root, args.extra, max_seeds=args.max_seeds)
-    table = write_tables(sweep, args.root, args.out)
+    table = write_tables(sweep, args.root, args.out, args.extra)
     done = sum(c['n'] for c in table['cells'])
     print(f'{name}: {done} finished runs tabulated in {args.out}/{name}.md '
           f'({time.time() - t0:.0f} s)')

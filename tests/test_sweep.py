@@ -72,3 +72,45 @@ def test_sweep_kill_resume_and_tables(tmp_path):
   assert '4/4 runs finished, 0 to go' in out
   assert json.loads((tmp_path / 'results' / 'tiny.json').read_text()) == table
   assert (tmp_path / 'results' / 'tiny.md').read_text() == md
+
+
+def _sweep_module():
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import sweep  # pylint: disable=g-import-not-at-top
+  return sweep
+
+
+def test_identical_runs_are_shared_between_sweeps():
+  sweep = _sweep_module()
+  table2 = {(r.name, s): w for r, _, s, w in
+            sweep.run_dirs(sweep.SWEEPS['fmnist_table2'], 'R')}
+  # Same resolved config (T = 2 is the study's default) -> Table 1's run.
+  assert table2['single instance', 1] == 'R/fmnist_table1/single_instance/seed_1'
+  assert table2['simultaneous, T = 2', 0] == 'R/fmnist_table1/2_instances/seed_0'
+  # A different temperature or method is a run of its own.
+  assert table2['simultaneous, T = 1', 0] == 'R/fmnist_table2/simultaneous_t_1/seed_0'
+  assert table2['alternating (DML), T = 1', 2].startswith('R/fmnist_table2/')
+  figure3 = {(r.name, n, s): w for r, n, s, w in
+             sweep.run_dirs(sweep.SWEEPS['fmnist_figure3'], 'R')}
+  assert figure3['single instance', 0.0, 0] == 'R/fmnist_table1/single_instance/seed_0'
+  assert figure3['single instance', 0.2, 0].startswith('R/fmnist_figure3/')
+  # Extra overrides apply to the whole invocation; keys still match.
+  with_extra = sweep.run_dirs(sweep.SWEEPS['fmnist_table2'], 'R',
+                              extra=('--config.num_epochs=1',))
+  assert with_extra[0][3] == 'R/fmnist_table1/single_instance/seed_0'
+
+
+def test_a_run_locked_by_another_sweep_process_is_skipped(tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  sweep = _sweep_module()
+  tiny = sweep.Sweep('locked', 'locked', (
+      sweep.Row('single', 'configs/fmnist_study.py:single',
+                (('num_epochs', 1.0),)),), seeds=1)  # shares no run
+  workdir = tmp_path / 'locked' / 'single' / 'seed_0'
+  workdir.mkdir(parents=True)
+  logs = []
+  with open(workdir / '.sweep.lock', 'w') as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    assert sweep.run_sweep(tiny, str(tmp_path), log=logs.append) == 0
+  assert 'another sweep process is training it' in logs[-1], logs
+  assert not (workdir / 'stdout.log').exists()
