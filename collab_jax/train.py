@@ -735,6 +735,8 @@ def _compiled_stats(compiled):
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and 'flops' in cost:
       out['flops_per_step'] = float(cost['flops'])
+    if cost and 'bytes accessed' in cost:
+      out['bytes_accessed_per_step'] = float(cost['bytes accessed'])
   except Exception:  # pylint: disable=broad-except
     pass
   try:

@@ -277,6 +277,9 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
         a / b for a, b in zip(medians[graph], medians[single]))
     if 'flops_per_step' in row:
       row['flop_ratio'] = row['flops_per_step'] / rows[single]['flops_per_step']
+    if 'bytes_accessed_per_step' in row:
+      row['bytes_ratio'] = (row['bytes_accessed_per_step'] /
+                            rows[single]['bytes_accessed_per_step'])
     if 'memory_bytes' in row:
       row['memory_ratio'] = row['memory_bytes'] / rows[single]['memory_bytes']
       row['memory_ratio_unaliased'] = (row['memory_bytes_unaliased'] /
@@ -308,20 +311,28 @@ def run_torch(graph_splits, batch, torch_timing, log=print):
   return rows
 
 
-def run_impl(make_config, graphs, timing, vmap_timing, log=print):
-  """Loop vs vmap branches on the same stacked parameters."""
+def run_impl(make_config, graphs, timing, vmap_timing, loop_steps=None,
+             log=print):
+  """Loop vs vmap branches on the same stacked parameters.
+
+  `loop_steps`: already compiled loop Steps by graph (from `run_graphs`),
+  reused instead of compiling them again.
+  """
   rows = []
   for graph in graphs:
-    loop_step = None
+    loop_step = (loop_steps or {}).get(graph)
     for impl in ('loop', 'vmap'):
-      config = make_config(graph)
-      config.model.branch_impl = impl
-      step = Step(config, like=loop_step)  # same variables, copied
-      loop_step = loop_step or step
+      if impl == 'loop' and loop_step is not None:
+        step = loop_step
+      else:
+        config = make_config(graph)
+        config.model.branch_impl = impl
+        step = Step(config, like=loop_step)  # same variables, copied
+        loop_step = loop_step or step
       times = step.time(**(timing if impl == 'loop' else vmap_timing))
-      row = {'graph': graph, 'branch_impl': impl, 'batch': config.batch_size,
-             'compile_s': step.compile_s, **step.program,
-             **_summary(times, config.batch_size)}
+      row = {'graph': graph, 'branch_impl': impl,
+             'batch': step.config.batch_size, 'compile_s': step.compile_s,
+             **step.program, **_summary(times, step.config.batch_size)}
       rows.append(row)
       log(f'  impl {graph:<16} {impl:<5} {1e3 * row["step_s"]:9.1f} ms '
           f'{row["images_per_s"]:7.1f} img/s  load {os.getloadavg()[0]:.2f}')
@@ -405,7 +416,8 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
   per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
                    min_steps=max(2, -(-timing['min_steps'] // rounds)),
                    max_steps=max(2, -(-timing['max_steps'] // rounds)))
-  for graph, base_step in kept.items():
+  for graph in variants:
+    base_step = kept[graph]
     steps = {'float32': base_step}
     for name in variants[graph]:
       opts = OPTION_VARIANTS[name]
@@ -463,20 +475,23 @@ def _fmt(x, spec='.2f', missing='—'):
 
 def _graph_table(rows):
   lines = [
-      '| graph | heads | step ms | img/s | time ratio | FLOP ratio | paper time '
+      '| graph | heads | step ms | img/s | time ratio | FLOP ratio '
+      '| bytes ratio | paper time '
       '| memory MiB (temp+arg+out) | memory ratio | minus donated: ratio '
-      '| paper memory | GFLOP/step | compile s | load |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '| paper memory | GFLOP/step | GB accessed/step | compile s | load |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(
         f'| {r["graph"]} `{tuple(tuple(s) for s in r["splits"])}` | {r["heads"]} '
         f'| {1e3 * r["step_s"]:.0f} | {r["images_per_s"]:.1f} '
         f'| {_fmt(r["time_ratio"])} | {_fmt(r.get("flop_ratio"))} '
+        f'| {_fmt(r.get("bytes_ratio"))} '
         f'| {_fmt(r.get("paper_time_ratio"))} '
         f'| {_fmt(r.get("memory_bytes", 0) / MiB, ".1f")} '
         f'| {_fmt(r.get("memory_ratio"))} | {_fmt(r.get("memory_ratio_unaliased"))} '
         f'| {_fmt(r.get("paper_memory_ratio"))} '
         f'| {_fmt(r.get("flops_per_step", 0) / 1e9, ".1f")} '
+        f'| {_fmt(r.get("bytes_accessed_per_step", 0) / 1e9, ".2f")} '
         f'| {r["compile_s"]:.1f} | {_fmt(r.get("load_1min"))} |')
   return lines
 
@@ -508,7 +523,11 @@ def write_report(out_dir, result):
        'time ratio the median over rounds of the ratio to the single model '
        'in the same round, load the median 1-minute load average after each '
        'round. FLOPs are the compiled step\'s '
-       '`cost_analysis()["flops"]`; memory is the compiled program\'s '
+       '`cost_analysis()["flops"]`, bytes its `cost_analysis()["bytes '
+       'accessed"]` (the memory traffic XLA estimates: where a graph\'s bytes '
+       'ratio is well above its FLOP ratio, moving parameters, gradients, '
+       'optimizer state and activations costs more than the arithmetic, and '
+       'the FLOP ratio is not the limit of its time ratio); memory is the compiled program\'s '
        '`memory_analysis()`: temp + argument + output bytes, and the same '
        'minus the donated (aliased) state, which is both an argument and an '
        'output but one buffer. ' + env['runtime_peak_note'], '']
@@ -603,6 +622,8 @@ def _goals(result):
   goals = []
   for name, sect in result['graphs'].items():
     over = [f'{r["graph"]} {r["time_ratio"]:.2f} > {r["flop_ratio"]:.2f}'
+            + (f' (bytes ratio {r["bytes_ratio"]:.2f})' if 'bytes_ratio' in r
+               else '')
             for r in sect['rows'][1:]
             if 'flop_ratio' in r and r['time_ratio'] > r['flop_ratio'] * 1.02]
     goals.append(f'{name}: every graph\'s time ratio at or below its FLOP '
@@ -686,7 +707,7 @@ def parse_args(argv):
                  'options')
   p.add_argument('--imagenet_batch', type=int, default=16)
   p.add_argument('--imagenet_size', type=int, default=64)
-  p.add_argument('--impl_batch', type=int, default=32,
+  p.add_argument('--impl_batch', type=int, default=None,
                  help='batch of the vmap-vs-loop comparison (vmap is slow '
                  'on XLA:CPU)')
   p.add_argument('--cpu_devices', type=int, default=2,
@@ -721,7 +742,7 @@ def main(argv=None):
     imagenet = functools.partial(imagenet_config, batch=4, size=32,
                                  network='tiny_resnet50')
     torch_timing = dict(steps=2, warmup=1, depth=8)
-    impl_batch, pipeline_steps, b2b = 8, 5, 2
+    impl_batch, pipeline_steps, b2b = None, 5, 2
     graphs = imagenet_graphs = ('single', 'h4_hierarchical')
     option_variants = {'single': tuple(OPTION_VARIANTS)}
   else:
@@ -734,13 +755,13 @@ def main(argv=None):
     graphs = GRAPHS
     imagenet_graphs = tuple(args.imagenet_graphs.split(','))
     option_variants = {'single': tuple(OPTION_VARIANTS),
-                       'h4_hierarchical': ('before: XLA default', 'remat',
-                                           'CPU devices')}
+                       'h4_hierarchical': ('remat', 'CPU devices')}
   with_torch = 'torch' in sections and torch_reference.torch_available()
   if 'torch' in sections and not with_torch:
     log('bench: torch is not installed; skipping the PyTorch peer '
         '(pip install torch==2.13.0, or make bench)')
 
+  kept_steps = {}
   if sections & {'graphs', 'pipeline', 'options'} or with_torch:
     log('section graphs: CIFAR ResNet-32')
     rows, torch_rows, kept = run_graphs(
@@ -748,7 +769,8 @@ def main(argv=None):
         ('single', 'h4_hierarchical'), timing,
         torch_graphs=('single', 'h4_hierarchical') if with_torch else (),
         torch_timing=torch_timing,
-        keep=tuple(option_variants) if 'options' in sections else (), log=log)
+        keep=(tuple(option_variants) if 'options' in sections else ()) +
+        (('h4_hierarchical',) if 'impl' in sections else ()), log=log)
     kept_steps = kept
     result['graphs']['CIFAR ResNet-32'] = {
         'description': 'CIFAR-10 recipe, batch 128 of 32x32x3 uint8 images '
@@ -777,15 +799,17 @@ def main(argv=None):
         'rows': rows}
   if 'impl' in sections:
     log('section impl: vmap vs loop')
-    impl_timing = dict(timing, min_steps=3 if not args.quick else 2,
-                       max_steps=5 if not args.quick else 2)
+    impl_timing = dict(timing, warmup=1, min_steps=2, max_steps=2)
+    reuse = {g: s for g, s in kept_steps.items()
+             if impl_batch in (None, s.config.batch_size)}
     result['impl'] = run_impl(
-        functools.partial(cifar, batch=impl_batch),
-        ('h4_hierarchical',), timing, dict(impl_timing, warmup=1), log=log)
+        functools.partial(cifar, **({'batch': impl_batch} if impl_batch else {})),
+        ('h4_hierarchical',), impl_timing, impl_timing, loop_steps=reuse,
+        log=log)
     result['impl_description'] = (
-        f'ResNet-32, batch {impl_batch} (vmap is too slow on XLA:CPU for '
-        'batch 128 in the time budget), both implementations on the same '
-        'stacked parameters. vmap steps: median of 3-5.')
+        'ResNet-32 at the batch of the CIFAR section (the loop row is that '
+        'section\'s compiled step, timed again here), both implementations '
+        'on the same stacked parameters; 1 warm-up and 2 timed steps each.')
   if 'pipeline' in sections:
     log('section pipeline')
     single = result['graphs']['CIFAR ResNet-32']['rows'][0]

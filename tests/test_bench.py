@@ -30,6 +30,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert [r['graph'] for r in rows] == ['single', 'h4_hierarchical']
     assert rows[0]['time_ratio'] == 1.0 and rows[1]['heads'] == 4
     assert rows[1]['flop_ratio'] > 1.0  # four heads cost more than one
+    assert rows[1]['bytes_ratio'] > 1.0 and 'bytes ratio' in report
     assert section in report
   assert {r['branch_impl'] for r in saved['impl']} == {'loop', 'vmap'}
   assert saved['pipeline']['host']['images_per_s'] > 0
