@@ -78,7 +78,7 @@ def base_config():
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.halt_after_steps = -1          # >0: checkpoint and stop after this step (resumable)
+  c.halt_after_steps = -1          # >0: checkpoint and stop at this step (rerun to go on)
   c.max_nonfinite_streak = 20      # stop after this many consecutive skipped updates
   c.allow_config_change = False    # continue a workdir made by a different config
   c.progress = True                # console progress line

@@ -463,10 +463,14 @@ def _config_record(config):
 
 
 def check_workdir(config, workdir):
-  """Refuses a workdir made by a different config (unless allowed)."""
+  """Refuses a workdir made by a different config (unless allowed).
+
+  Returns:
+    {flattened key: (old, new)} of the allowed changes (empty if none).
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return {}
   with open(path) as f:
     try:
       old = _flatten(json.load(f))
@@ -481,6 +485,7 @@ def check_workdir(config, workdir):
         f'workdir {workdir} was made by a different config ({shown}'
         f'{" ..." if len(diff) > 4 else ""}); use a new --workdir, or pass '
         '--config.allow_config_change=True to continue it anyway.')
+  return {k: (old.get(k), new.get(k)) for k in diff}
 
 
 # ----------------------------------------------------------------------------
@@ -796,7 +801,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   results_path = os.path.join(workdir, 'results.json')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} exists and is not a directory.')
-  check_workdir(config, workdir)
+  config_changes = check_workdir(config, workdir)
   if os.path.exists(results_path):
     with open(results_path) as f:
       results = json.load(f)
@@ -848,6 +853,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                       _config_record(config))
   else:
     print(f'resuming from the checkpoint at step {restored_step}', flush=True)
+    if config_changes and is_main:  # allowed: record what changed, and when
+      with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+        f.write(json.dumps({'step': restored_step, 'changes': {
+            k: list(v) for k, v in config_changes.items()}}) + '\n')
+      logging_utils.write_json_atomic(os.path.join(workdir, 'config.json'),
+                                      _config_record(config))
   state = jax.device_put(state, replicated)
   start_step = int(state.step)
   if is_main:
@@ -949,7 +960,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if step % config.checkpoint_every_steps == 0 or step == num_steps:
         manager.save(step, args=ocp.args.StandardSave(state))
       signalled = _stop_requested(stop, is_log)
-      halt = (config.halt_after_steps > 0 and step >= config.halt_after_steps
+      # Only at that very step: rerunning the same command resumes past it.
+      halt = (config.halt_after_steps > 0 and step == config.halt_after_steps
               and step < num_steps)
       if signalled or halt:
         stop_reason = ((stop.received or 'a signal to another process')

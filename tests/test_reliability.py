@@ -360,6 +360,13 @@ def test_workdir_of_another_config_and_finished_runs_are_left_alone(
   other.allow_config_change = True
   results = train.train_and_evaluate(other, workdir)
   assert results['steps'] == 4
+  # ... and says so: config.json is the config that finished it, and the
+  # change is logged with the step it took effect at.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['learning_rate'] == 0.01
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    assert json.loads(f.read()) == {
+        'step': 2, 'changes': {'learning_rate': [0.05, 0.01]}}
   # A finished workdir is never trained again or rewritten, whatever the config.
   finished = _snapshot(workdir)
   for config in (other, _config(data_dir, num_train_steps=8,

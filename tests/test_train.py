@@ -74,7 +74,8 @@ def test_halt_and_resume_is_exact(data_dir, tmp_path):
   halted = testutil.tiny_config(data_dir, label_noise=0.3, halt_after_steps=4)
   assert train.train_and_evaluate(halted, str(tmp_path / 'split')) is None
   assert not os.path.exists(tmp_path / 'split' / 'results.json')
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  # The same command again resumes past the halt and finishes.
+  resumed = train.train_and_evaluate(halted, str(tmp_path / 'split'))
   # The second run started at step 4 (it logged steps 6 only).
   assert [r['step'] for r in _metrics(tmp_path / 'split')] == [2, 4, 6]
   a = _final_params(tmp_path / 'full', config)
