@@ -223,6 +223,9 @@ def run_sweep(sweep, root, extra=(), log=print, max_seeds=None):
   todo = [r for r in runs
           if not os.path.exists(os.path.join(r[3], 'results.json'))
           and (max_seeds is None or r[2] < max_seeds)]
+  # Seed-major, then noise level, then row: a sweep stopped part way leaves
+  # whole columns (every graph at the same noise level and seed).
+  todo.sort(key=lambda r: (r[2], r[1]))
   done = sum(os.path.exists(os.path.join(r[3], 'results.json')) for r in runs)
   log(f'{sweep.name}: {done}/{len(runs)} runs finished, {len(todo)} to go'
       + (f' in this pass (seeds < {max_seeds})' if max_seeds else ''))
