@@ -293,7 +293,9 @@ def aggregate(sweep, root, extra=()):
                        'heads': res['head_test_errors'],
                        'ensemble': res['ensemble_test_error'],
                        'steps': res['steps'],
-                       'train_time_s': res.get('train_time_s_this_session')})
+                       'train_time_s': res.get('train_time_s_this_session'),
+                       # robust to pauses: steps x median step time
+                       'step_time_s': res.get('median_step_time_s')})
       mean, std = _mean_std([r['head_1'] for r in runs])
       heads = None
       if runs and sweep.show_heads:
@@ -324,16 +326,33 @@ def to_markdown(table):
     with_heads = any(c['heads'] for c in table['cells'])
     header = '| training graph | head 1 | '
     header += 'every head (mean +- std) | ' if with_heads else ''
-    header += 'paper (analogous row) |'
-    lines += [header, '|---|---|' + ('---|' if with_heads else '') + '---|']
+    header += 'paper (analogous row) | run time (s) |'
+    lines += [header, '|---|---|' + ('---|' if with_heads else '') + '---|---|']
     for c in table['cells']:
       line = f'| {c["row"]} | {_fmt(c["head_1_mean"], c["head_1_std"], c["n"])} | '
       if with_heads:
         line += (' / '.join(f'{m:.2f} +- {s:.2f}' for m, s in c['heads'])
                  if c['heads'] else 'n/a') + ' | '
-      line += f'{c["paper"] or "-"} |'
+      times = _run_times(c['runs'])
+      line += (f'{c["paper"] or "-"} | '
+               f'{sum(times) / len(times):.0f} |' if times else
+               f'{c["paper"] or "-"} | - |')
       lines.append(line)
+  seen, total = set(), 0.0
+  for c in table['cells']:
+    for r in c['runs']:
+      if r['workdir'] not in seen:
+        seen.add(r['workdir'])
+        total += sum(_run_times([r]))
+  lines += ['', f'Training time of the {len(seen)} distinct finished runs: '
+            f'{total / 60:.0f} min (run time = steps x median step time, '
+            'compilation and evaluation excluded; runs shared with an earlier '
+            'sweep are counted here too).']
   return '\n'.join(lines) + '\n'
+
+
+def _run_times(runs):
+  return [r['steps'] * r['step_time_s'] for r in runs if r.get('step_time_s')]
 
 
 def plot_noise(table, path):
