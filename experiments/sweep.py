@@ -331,7 +331,8 @@ def to_markdown(table):
     for c in table['cells']:
       line = f'| {c["row"]} | {_fmt(c["head_1_mean"], c["head_1_std"], c["n"])} | '
       if with_heads:
-        line += (' / '.join(f'{m:.2f} +- {s:.2f}' for m, s in c['heads'])
+        line += (' / '.join(f'{m:.2f} +- {s:.2f}' if c['n'] > 1 else f'{m:.2f}'
+                            for m, s in c['heads'])
                  if c['heads'] else 'n/a') + ' | '
       times = _run_times(c['runs'])
       line += (f'{c["paper"] or "-"} | '
