@@ -46,8 +46,10 @@ def conv_kernels(export_dir):
 
 
 def _natural(key):
+  """Network order: the stem first, then blocks by number (block_2 < block_10)."""
   parts = key.replace('_', ' ').split()
-  return [int(p) if p.isdigit() else p for p in parts]
+  return (not key.startswith('stem'),
+          [(0, int(p), '') if p.isdigit() else (1, 0, p) for p in parts])
 
 
 def main():
