@@ -216,6 +216,38 @@ def _summary(times, batch):
 # Sections.
 
 
+def _time_in_rounds(steps, timing, rounds, after_round=None):
+  """Times compiled `steps` ({name: Step}) round-robin, `rounds` times.
+
+  The timing budget and step counts of `timing` are split over the rounds;
+  only the first round warms up fully. `after_round(r, medians, load)` runs
+  after each round.
+
+  Returns:
+    ({name: all step times}, {name: median per round}, [load after each round]).
+  """
+  per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
+                   min_steps=max(2, -(-timing['min_steps'] // rounds)),
+                   max_steps=max(2, -(-timing['max_steps'] // rounds)))
+  times = {n: [] for n in steps}
+  medians = {n: [] for n in steps}
+  loads = []
+  for r in range(rounds):
+    for name, step in steps.items():
+      t = step.time(**dict(per_round, warmup=timing['warmup'] if r == 0 else 1))
+      times[name] += t
+      medians[name].append(statistics.median(t))
+    loads.append(os.getloadavg()[0])
+    if after_round is not None:
+      after_round(r, medians, loads[-1])
+  return times, medians, loads
+
+
+def _round_ratio(medians, name, base):
+  """Median over rounds of `name`'s step time over `base`'s in that round."""
+  return statistics.median(a / b for a, b in zip(medians[name], medians[base]))
+
+
 def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
                torch_graphs=(), torch_timing=None, keep=(), log=print):
   """Every graph of one setting, timed in interleaved rounds.
@@ -242,28 +274,19 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
     log(f'  {setting_name} {graph:<16} compiled in {step.compile_s:5.1f} s  '
         f'{step.program.get("flops_per_step", 0) / 1e9:7.1f} GFLOP  '
         f'{step.program.get("memory_bytes", 0) / MiB:7.1f} MiB')
-  per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
-                   min_steps=max(2, -(-timing['min_steps'] // rounds)),
-                   max_steps=max(2, -(-timing['max_steps'] // rounds)))
-  times = {g: [] for g in graphs}
-  medians = {g: [] for g in graphs}
-  loads = []
   torch_rows = []
-  for r in range(rounds):
-    for graph in graphs:
-      t = steps[graph].time(**dict(per_round,
-                                   warmup=timing['warmup'] if r == 0 else 1))
-      times[graph] += t
-      medians[graph].append(statistics.median(t))
-    loads.append(os.getloadavg()[0])
+
+  def after_round(r, medians, load):
     log(f'  {setting_name} round {r + 1}/{rounds}: ' + ', '.join(
         f'{g} {1e3 * medians[g][-1]:.0f} ms' for g in graphs) +
-        f'  load {loads[-1]:.2f}')
+        f'  load {load:.2f}')
     if r == 0 and torch_graphs:
-      torch_rows = run_torch(
+      torch_rows.extend(run_torch(
           {g: tuple(tuple(s) for s in steps[g].config.model.splits)
            for g in torch_graphs}, steps[graphs[0]].config.batch_size,
-          torch_timing, log=log)
+          torch_timing, log=log))
+
+  times, medians, loads = _time_in_rounds(steps, timing, rounds, after_round)
   single = graphs[0]
   kept = {g: steps[g] for g in graphs if g in keep}
   del steps
@@ -273,8 +296,7 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
     row.update(_summary(times[graph], row['batch']))
     row['round_step_s'] = medians[graph]
     row['load_1min'] = statistics.median(loads)
-    row['time_ratio'] = statistics.median(
-        a / b for a, b in zip(medians[graph], medians[single]))
+    row['time_ratio'] = _round_ratio(medians, graph, single)
     if 'flops_per_step' in row:
       row['flop_ratio'] = row['flops_per_step'] / rows[single]['flops_per_step']
     if 'bytes_accessed_per_step' in row:
@@ -415,9 +437,6 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
   baseline like `run_graphs` does, and compared per round.
   """
   rows = []
-  per_round = dict(timing, budget_s=timing['budget_s'] / rounds,
-                   min_steps=max(2, -(-timing['min_steps'] // rounds)),
-                   max_steps=max(2, -(-timing['max_steps'] // rounds)))
   for graph in variants:
     base_step = kept[graph]
     steps = {'float32': base_step}
@@ -434,14 +453,8 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
       steps[name] = Step(config, devices=devices, remat=opts.get('remat', False),
                          compiler_options=opts.get('compiler_options'),
                          like=base_step)
-    times = {n: [] for n in steps}
-    medians = {n: [] for n in steps}
-    for r in range(rounds):
-      for name, step in steps.items():
-        t = step.time(**dict(per_round, warmup=timing['warmup'] if r == 0 else 1))
-        times[name] += t
-        medians[name].append(statistics.median(t))
-    load = os.getloadavg()[0]
+    times, medians, loads = _time_in_rounds(steps, timing, rounds)
+    load = loads[-1]
     base = None
     for name, step in steps.items():
       row = {'graph': graph, 'variant': name, 'batch': step.config.batch_size,
@@ -454,8 +467,7 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
         row['back_to_back_step_s'] = step.time_back_to_back(back_to_back_steps)
       if base is None:
         base = row
-      row['time_vs_float32'] = statistics.median(
-          a / b for a, b in zip(medians[name], medians['float32']))
+      row['time_vs_float32'] = _round_ratio(medians, name, 'float32')
       if 'memory_bytes' in row:
         row['memory_vs_float32'] = row['memory_bytes'] / base['memory_bytes']
       rows.append(row)
