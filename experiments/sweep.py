@@ -94,13 +94,27 @@ _add(Sweep('fmnist_table3', 'Table 3 analogue: 4 heads sharing stage 1, gradient
     _fm('backprop rescaling', 'h4_simple', '5.82 +- 0.08', **{'model.rescale': 'backprop'}),
     _fm('no scaling', 'h4_simple', '6.04 +- 0.17', **{'model.rescale': 'none'}),
     _fm('loss scaling (1/4)', 'h4_simple', '6.09 +- 0.24', **{'model.rescale': 'loss'}),
+    # Beyond the paper: the same trees trained on the labels alone (beta = 1,
+    # no consensus target), to separate the effect of the gradient scaling on
+    # the shared stage from that of collaboration.
+    _fm('backprop rescaling, labels only (beta = 1)', 'h4_simple',
+        **{'model.rescale': 'backprop', 'beta': 1.0}),
+    _fm('no scaling, labels only (beta = 1)', 'h4_simple',
+        **{'model.rescale': 'none', 'beta': 1.0}),
+)))
+# Beyond the paper: does a larger learning rate alone give what 'no scaling'
+# gives in Table 3 (there the shared stage's gradient is the sum over 4 heads)?
+_add(Sweep('fmnist_lr_check', 'Learning-rate check: single network at 1x, 2x, 4x lr', (
+    _fm('single instance, lr 0.1 (study default)', 'single'),
+    _fm('single instance, lr 0.2', 'single', learning_rate=0.2),
+    _fm('single instance, lr 0.4', 'single', learning_rate=0.4),
 )))
 _add(Sweep('fmnist_figure3', 'Figure 3 analogue: label noise', (
     _fm('single instance', 'single'),
     _fm('2 instances', 'h2_instances'),
     _fm('2 heads, simple ILR sharing', 'h2_simple'),
     _fm('4 heads, hierarchical ILR sharing', 'h4_hierarchical'),
-), seeds=1, noise_levels=(0.0, 0.2, 0.4, 0.6, 0.8)))
+), seeds=3, noise_levels=(0.0, 0.2, 0.4, 0.6, 0.8)))
 
 
 # ---------------------------------------------------------------------------

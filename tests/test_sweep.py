@@ -114,3 +114,20 @@ def test_a_run_locked_by_another_sweep_process_is_skipped(tmp_path):
     assert sweep.run_sweep(tiny, str(tmp_path), log=logs.append) == 0
   assert 'another sweep process is training it' in logs[-1], logs
   assert not (workdir / 'stdout.log').exists()
+
+
+def test_committed_tables_are_rewritten_identically_from_committed_runs(tmp_path):
+  # The Fashion-MNIST tables in experiments/results/ are what the committed
+  # finished runs aggregate to: no hand-edited numbers, nothing left stale.
+  sweep = _sweep_module()
+  root = os.path.join(REPO, 'experiments', 'runs')
+  names = [n for n in sweep.SWEEPS if n.startswith('fmnist_')]
+  assert names
+  for name in names:
+    sweep.write_tables(sweep.SWEEPS[name], root, str(tmp_path))
+    for ext in ('md', 'json'):
+      with open(tmp_path / f'{name}.{ext}') as f:
+        fresh = f.read()
+      with open(os.path.join(sweep.RESULTS, f'{name}.{ext}')) as f:
+        assert f.read() == fresh, f'{name}.{ext} is stale: run ' \
+            f'experiments/sweep.py --sweep={name} --aggregate_only'
