@@ -148,12 +148,26 @@ def _slug(text):
   return '_'.join(p for p in keep.split('_') if p)
 
 
-def _own_dirs(sweep, root):
+def variant_name(sweep, extra=()):
+  """The sweep's name, suffixed by its command-line overrides if any.
+
+  Runs and tables of `--sweep=fmnist_table1 -- --config.learning_rate=0.4`
+  live under `fmnist_table1__learning_rate_0_4`, never in the plain sweep's
+  folders: a finished run of another config is not mistaken for this one,
+  and the plain sweep's tables are not overwritten.
+  """
+  if not extra:
+    return sweep.name
+  return sweep.name + '__' + _slug(' '.join(e.replace('--config.', '', 1)
+                                            for e in extra))
+
+
+def _own_dirs(sweep, root, extra=()):
   out = []
   for row in sweep.rows:
     for noise in sweep.noise_levels:
       for seed in range(sweep.seeds):
-        parts = [root, sweep.name, _slug(row.name)]
+        parts = [root, variant_name(sweep, extra), _slug(row.name)]
         if len(sweep.noise_levels) > 1:
           parts.append(f'noise_{int(round(noise * 100)):02d}')
         parts.append(f'seed_{seed}')
@@ -203,13 +217,13 @@ def run_dirs(sweep, root, extra=()) -> List[Tuple[Row, float, int, str]]:
   for other in SWEEPS.values():
     if other.name == sweep.name:
       break
-    for row, noise, seed, workdir in _own_dirs(other, root):
+    for row, noise, seed, workdir in _own_dirs(other, root, extra):
       try:
         owners.setdefault(run_key(row, noise, seed, extra), workdir)
       except (OSError, ImportError):  # a config this checkout cannot load
         continue
   out = []
-  for row, noise, seed, workdir in _own_dirs(sweep, root):
+  for row, noise, seed, workdir in _own_dirs(sweep, root, extra):
     if owners:
       workdir = owners.get(run_key(row, noise, seed, extra), workdir)
     out.append((row, noise, seed, workdir))
@@ -241,7 +255,7 @@ def run_sweep(sweep, root, extra=(), log=print, max_seeds=None):
   # whole columns (every graph at the same noise level and seed).
   todo.sort(key=lambda r: (r[2], r[1]))
   done = sum(os.path.exists(os.path.join(r[3], 'results.json')) for r in runs)
-  log(f'{sweep.name}: {done}/{len(runs)} runs finished, {len(todo)} to go'
+  log(f'{variant_name(sweep, extra)}: {done}/{len(runs)} runs finished, {len(todo)} to go'
       + (f' in this pass (seeds < {max_seeds})' if max_seeds else ''))
   ran = 0
   for i, (row, noise, seed, workdir) in enumerate(todo):
@@ -319,7 +333,8 @@ def aggregate(sweep, root, extra=()):
                     'config': row.config, 'overrides': dict(row.overrides),
                     'n': len(runs), 'head_1_mean': mean, 'head_1_std': std,
                     'heads': heads, 'runs': runs})
-  return {'sweep': sweep.name, 'title': sweep.title, 'seeds': sweep.seeds,
+  title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
+  return {'sweep': variant_name(sweep, extra), 'title': title, 'seeds': sweep.seeds,
           'cells': cells}
 
 
@@ -396,13 +411,13 @@ def plot_noise(table, path):
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):
   table = aggregate(sweep, root, extra)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{sweep.name}.json'), 'w') as f:
+  with open(os.path.join(out_dir, f'{table["sweep"]}.json'), 'w') as f:
     json.dump(table, f, indent=2, sort_keys=True)
     f.write('\n')
-  with open(os.path.join(out_dir, f'{sweep.name}.md'), 'w') as f:
+  with open(os.path.join(out_dir, f'{table["sweep"]}.md'), 'w') as f:
     f.write(to_markdown(table))
   if len(sweep.noise_levels) > 1:
-    plot_noise(table, os.path.join(out_dir, f'{sweep.name}.png'))
+    plot_noise(table, os.path.join(out_dir, f'{table["sweep"]}.png'))
   return table
 
 
@@ -436,7 +451,8 @@ def main(argv=None):
       run_sweep(sweep, args.root, args.extra, max_seeds=args.max_seeds)
     table = write_tables(sweep, args.root, args.out, args.extra)
     done = sum(c['n'] for c in table['cells'])
-    print(f'{name}: {done} finished runs tabulated in {args.out}/{name}.md '
+    print(f'{table["sweep"]}: {done} finished runs tabulated in '
+          f'{args.out}/{table["sweep"]}.md '
           f'({time.time() - t0:.0f} s)')
 
 

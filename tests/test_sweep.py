@@ -94,10 +94,24 @@ def test_identical_runs_are_shared_between_sweeps():
              sweep.run_dirs(sweep.SWEEPS['fmnist_figure3'], 'R')}
   assert figure3['single instance', 0.0, 0] == 'R/fmnist_table1/single_instance/seed_0'
   assert figure3['single instance', 0.2, 0].startswith('R/fmnist_figure3/')
-  # Extra overrides apply to the whole invocation; keys still match.
-  with_extra = sweep.run_dirs(sweep.SWEEPS['fmnist_table2'], 'R',
-                              extra=('--config.num_epochs=1',))
-  assert with_extra[0][3] == 'R/fmnist_table1/single_instance/seed_0'
+  # Extra overrides apply to the whole invocation: its runs live apart from
+  # the plain sweep's (a finished run of another config is not reused) and
+  # are still shared between sweeps invoked with the same overrides.
+  extra = ('--config.learning_rate=0.4',)
+  with_extra = sweep.run_dirs(sweep.SWEEPS['fmnist_table2'], 'R', extra=extra)
+  assert with_extra[0][3] == 'R/fmnist_table1__learning_rate_0_4/single_instance/seed_0'
+  assert with_extra[5][3] == 'R/fmnist_table2__learning_rate_0_4/alternating_dml_t_1/seed_2'
+
+
+def test_overridden_sweep_writes_its_own_tables(tmp_path):
+  sweep = _sweep_module()
+  table = sweep.write_tables(sweep.SWEEPS['fmnist_table3'], str(tmp_path / 'runs'),
+                             str(tmp_path), extra=('--config.beta=0.9',))
+  assert table['sweep'] == 'fmnist_table3__beta_0_9'
+  assert '--config.beta=0.9' in table['title']
+  assert sorted(os.listdir(tmp_path)) == [
+      'fmnist_table3__beta_0_9.json', 'fmnist_table3__beta_0_9.md']
+  assert all(c['n'] == 0 for c in table['cells'])  # the plain runs are not it
 
 
 def test_a_run_locked_by_another_sweep_process_is_skipped(tmp_path):
