@@ -164,10 +164,11 @@ def variant_name(sweep, extra=()):
 
 def _own_dirs(sweep, root, extra=()):
   out = []
+  name = variant_name(sweep, extra)
   for row in sweep.rows:
     for noise in sweep.noise_levels:
       for seed in range(sweep.seeds):
-        parts = [root, variant_name(sweep, extra), _slug(row.name)]
+        parts = [root, name, _slug(row.name)]
         if len(sweep.noise_levels) > 1:
           parts.append(f'noise_{int(round(noise * 100)):02d}')
         parts.append(f'seed_{seed}')
@@ -364,9 +365,8 @@ def to_markdown(table):
                             for m, s in c['heads'])
                  if c['heads'] else 'n/a') + ' | '
       times = _run_times(c['runs'])
-      line += (f'{c["paper"] or "-"} | '
-               f'{sum(times) / len(times):.0f} |' if times else
-               f'{c["paper"] or "-"} | - |')
+      run_time = f'{sum(times) / len(times):.0f}' if times else '-'
+      line += f'{c["paper"] or "-"} | {run_time} |'
       lines.append(line)
   seen, total = set(), 0.0
   for c in table['cells']:
