@@ -36,6 +36,7 @@ def base_config():
   c.subset_seed = 0                # chooses that subset (same for all runs)
   c.label_noise = 0.0              # fraction of training labels corrupted (paper Sec. 3.4)
   c.noise_seed = 0                 # chooses the corrupted set (same for all runs)
+  c.label_noise_draws = 'per_run'  # per_run: noisy labels from (noise_seed, seed, epoch); shared: (noise_seed, epoch), as the first study
   c.image_size = 224               # streamed ImageNet crop size
   c.augment = True                 # random crop (pad, crop) + flip, on the device
   c.augment_pad = 4

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -367,6 +368,19 @@ def total_steps(config, steps_per_epoch):
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
+def _versions():
+  """Versions of Python and the libraries that computed a run."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {'python': sys.version.split()[0]}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy',
+               'tensorflow', 'tensorflow-cpu', 'tensorflow-datasets'):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
 def validate_config(config):
   """Raises ConfigError (one line) for values that cannot work."""
   def bad(key, msg):
@@ -384,6 +398,8 @@ def validate_config(config):
         'e.g. --config.label_smoothing=0.05.')
   if not 0.0 <= config.label_noise < 1.0:
     bad('label_noise', f'{config.label_noise} must be a fraction in [0, 1).')
+  if config.label_noise_draws not in ('per_run', 'shared'):
+    bad('label_noise_draws', f'{config.label_noise_draws!r} is not per_run or shared.')
   if config.batch_size <= 0:
     bad('batch_size', f'{config.batch_size} must be positive.')
   if config.num_epochs <= 0 and not config.num_train_steps > 0:
@@ -541,8 +557,9 @@ def create_data_source(config, start_step):
     raise ConfigError(
         f'config.batch_size: {config.batch_size} is larger than the '
         f'{ds.num_train} training examples; lower it (or raise train_subset).')
-  noise = input_pipeline.LabelNoise(ds.num_train, ds.num_classes,
-                                    config.label_noise, config.noise_seed)
+  noise = input_pipeline.LabelNoise(
+      ds.num_train, ds.num_classes, config.label_noise, config.noise_seed,
+      run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
   per_epoch = input_pipeline.steps_per_epoch(ds.num_train, config.batch_size)
 
   def train_batch(step):
@@ -902,7 +919,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
               'device_kind': jax.devices()[0].device_kind,
               'global_batch': config.batch_size, 'heads': model.num_heads,
               'steps_per_epoch': steps_per_epoch, 'num_train_steps': num_steps,
-              'train_examples': data.num_train, 'compile_s': compile_s, **program}
+              'train_examples': data.num_train, 'compile_s': compile_s, **program,
+              'versions': _versions()}
   if is_main:
     logging_utils.write_json_atomic(os.path.join(workdir, 'run_info.json'), run_info)
     print(f'collab_jax: {config.model.name} splits={tuple(config.model.splits)} '

@@ -168,8 +168,8 @@ def test_process_slice_covers_batch():
 
 
 def test_label_noise_partition_fixed_by_seed():
-  a = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, draw_seed=1)
-  b = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, draw_seed=2)
+  a = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, run_seed=1)
+  b = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, run_seed=2)
   np.testing.assert_array_equal(a.corrupted, b.corrupted)
   assert a.corrupted.sum() == 300 == a.num_corrupted
   c = input_pipeline.LabelNoise(1000, 10, 0.3, seed=8)
@@ -204,6 +204,32 @@ def test_label_noise_labels():
   np.testing.assert_array_equal(zero.labels(idx, true, 3), true)
   with pytest.raises(ValueError, match=r'in \[0, 1\)'):
     input_pipeline.LabelNoise(n, classes, 1.0, seed=0)
+
+
+def test_label_noise_draws_per_run():
+  """Same partition for every training seed, own draws per seed, same on resume."""
+  n, classes = 2000, 10
+  true = np.random.default_rng(0).integers(0, classes, n).astype(np.int32)
+  idx = np.arange(n)
+  run = {s: input_pipeline.LabelNoise(n, classes, 0.4, seed=5, run_seed=s)
+         for s in (0, 1)}
+  np.testing.assert_array_equal(run[0].corrupted, run[1].corrupted)
+  bad = run[0].corrupted
+  for epoch in (0, 7):
+    a, b = run[0].labels(idx, true, epoch), run[1].labels(idx, true, epoch)
+    np.testing.assert_array_equal(a[~bad], true[~bad])
+    np.testing.assert_array_equal(b[~bad], true[~bad])
+    # Independent uniform draws agree on about 1/10 of the corrupted examples.
+    assert 0.05 < (a == b)[bad].mean() < 0.15
+    # A resumed run (a fresh object, any epoch order) draws the same labels.
+    resumed = input_pipeline.LabelNoise(n, classes, 0.4, seed=5, run_seed=0)
+    resumed.labels(idx, true, epoch + 1)
+    np.testing.assert_array_equal(resumed.labels(idx, true, epoch), a)
+  # Shared draws (run_seed=None) are one sequence for every run, unchanged.
+  shared = input_pipeline.LabelNoise(n, classes, 0.4, seed=5)
+  expected = np.where(bad, np.random.default_rng([5, 1, 3]).integers(
+      0, classes, n, dtype=np.int32), true)
+  np.testing.assert_array_equal(shared.labels(idx, true, 3), expected)
 
 
 # ---------------------------------------------------------------------------
