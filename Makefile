@@ -1,5 +1,10 @@
 # collab_jax: `make run` trains the offline default, `make test` runs the tests.
-PYTHON ?= python3
+# The newest Python here that runs (3.13, 3.12, then 3.11; pyenv's too), so
+# the venv gets the newest JAX it is served. Override with PYTHON=...
+PYTHON ?= $(shell for v in 3.13 3.12 3.11; do \
+  for c in python$$v $$(pyenv root 2>/dev/null)/versions/$$v*/bin/python$$v; do \
+    if $$c -c 'import venv, ensurepip' >/dev/null 2>&1; then echo $$c; exit 0; fi; \
+  done; done; echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
@@ -10,10 +15,16 @@ CONFIG ?= configs/default.py
 
 install: $(VENV)/.installed
 
+# A venv made by another Python (e.g. before a newer one was installed) is
+# made anew.
 $(VENV)/.installed: pyproject.toml
+	@want=$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])'); \
+	  have=$$($(PY) -c 'import sys; print(sys.version_info[:2])' 2>/dev/null); \
+	  if [ "$$want" != "$$have" ]; then rm -rf $(VENV); fi
+	@echo "Python for $(VENV): $(PYTHON) ($$($(PYTHON) --version))"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[train,test]'
 	touch $@
 
 # Debian's dataset-fashion-mnist holds the original IDX files; install it when
