@@ -345,6 +345,13 @@ def eval_step(state, batch, *, model, config, data_stats):
   ensemble = jnp.mean(logits, axis=0)
   metrics['ensemble/error'] = _pair(
       100.0 * jnp.sum((jnp.argmax(ensemble, -1) != labels) * mask), count)
+  if logits.shape[-1] > 5:  # top-5 error (paper Table 4), where it means something
+    def top5_wrong(z):
+      top5 = jax.lax.top_k(z, 5)[1]
+      return 100.0 * jnp.sum(~jnp.any(top5 == labels[:, None], -1) * mask)
+    for h in range(logits.shape[0]):
+      metrics[f'head_{h + 1}/top5_error'] = _pair(top5_wrong(logits[h]), count)
+    metrics['ensemble/top5_error'] = _pair(top5_wrong(ensemble), count)
   return metrics
 
 
@@ -1005,6 +1012,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       'head_1_test_error': final['head_1/error'],
       'head_test_errors': [final[f'head_{h + 1}/error'] for h in range(heads)],
       'ensemble_test_error': final['ensemble/error'],
+      **({'head_1_test_top5_error': final['head_1/top5_error'],
+          'head_test_top5_errors': [final[f'head_{h + 1}/top5_error']
+                                    for h in range(heads)],
+          'ensemble_test_top5_error': final['ensemble/top5_error']}
+         if 'head_1/top5_error' in final else {}),
       'head_1_test_loss': final['head_1/loss'],
       'steps': num_steps,
       'epochs': num_steps / steps_per_epoch,

@@ -55,6 +55,8 @@ class Sweep:
   noise_levels: Tuple[float, ...] = (0.0,)
   # Extra columns (besides head 1): 'heads' reports every head's error.
   show_heads: bool = False
+  # Head 1's top-5 error beside top-1 (the paper's Table 4 has both).
+  show_top5: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +147,8 @@ _add(Sweep('cifar10_table3', 'Table 3, CIFAR-10 ResNet-32, 4 heads simple',
            seeds=5))
 _add(Sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50', _paper_rows(
     'imagenet_resnet50', ('single', 'label_smoothing', 'distillation',
-                          'h2_instances', 'h2_simple', 'h4')), seeds=1))
+                          'h2_instances', 'h2_simple', 'h4')), seeds=1,
+           show_top5=True))
 
 
 # ---------------------------------------------------------------------------
@@ -331,8 +334,11 @@ def aggregate(sweep, root, extra=()):
                        'steps': res['steps'],
                        'train_time_s': res.get('train_time_s_this_session'),
                        # robust to pauses: steps x median step time
-                       'step_time_s': res.get('median_step_time_s')})
+                       'step_time_s': res.get('median_step_time_s'),
+                       **({'head_1_top5': res.get('head_1_test_top5_error')}
+                          if sweep.show_top5 else {})})
       mean, std = _mean_std([r['head_1'] for r in runs])
+      top5 = [r['head_1_top5'] for r in runs if r.get('head_1_top5') is not None]
       heads = None
       if runs and sweep.show_heads:
         heads = [_mean_std([r['heads'][h] for r in runs])
@@ -340,7 +346,9 @@ def aggregate(sweep, root, extra=()):
       cells.append({'row': row.name, 'noise': noise, 'paper': row.paper,
                     'config': row.config, 'overrides': dict(row.overrides),
                     'n': len(runs), 'head_1_mean': mean, 'head_1_std': std,
-                    'heads': heads, 'runs': runs})
+                    'heads': heads, 'runs': runs,
+                    **({'head_1_top5': _mean_std(top5), 'n_top5': len(top5)}
+                       if sweep.show_top5 else {})})
   title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
   return {'sweep': variant_name(sweep, extra), 'title': title, 'seeds': sweep.seeds,
           'cells': cells}
@@ -361,12 +369,17 @@ def to_markdown(table):
           for n in noise_levels) + ' |')
   else:
     with_heads = any(c['heads'] for c in table['cells'])
+    with_top5 = any('head_1_top5' in c for c in table['cells'])
     header = '| training graph | head 1 | '
+    header += 'head 1 top-5 | ' if with_top5 else ''
     header += 'every head (mean +- std) | ' if with_heads else ''
     header += 'paper (analogous row) | run time (s) |'
-    lines += [header, '|---|---|' + ('---|' if with_heads else '') + '---|---|']
+    lines += [header, '|---|---|' + ('---|' if with_top5 else '')
+              + ('---|' if with_heads else '') + '---|---|']
     for c in table['cells']:
       line = f'| {c["row"]} | {_fmt(c["head_1_mean"], c["head_1_std"], c["n"])} | '
+      if with_top5:
+        line += _fmt(*c['head_1_top5'], c['n_top5']) + ' | '
       if with_heads:
         line += (' / '.join(f'{m:.2f} +- {s:.2f}' if c['n'] > 1 else f'{m:.2f}'
                             for m, s in c['heads'])

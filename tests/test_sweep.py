@@ -145,3 +145,23 @@ def test_committed_tables_are_rewritten_identically_from_committed_runs(tmp_path
       with open(os.path.join(sweep.RESULTS, f'{name}.{ext}')) as f:
         assert f.read() == fresh, f'{name}.{ext} is stale: run ' \
             f'experiments/sweep.py --sweep={name} --aggregate_only'
+
+
+def test_top5_column_when_the_sweep_asks_for_it(tmp_path):
+  sweep = _sweep_module()
+  for seed, (top1, top5) in enumerate(((30.0, 10.0), (32.0, 12.0))):
+    workdir = tmp_path / 't5' / 'single' / f'seed_{seed}'
+    workdir.mkdir(parents=True)
+    (workdir / 'results.json').write_text(json.dumps({
+        'head_1_test_error': top1, 'head_1_test_top5_error': top5,
+        'head_test_errors': [top1], 'ensemble_test_error': top1, 'steps': 10,
+        'median_step_time_s': 0.5}))
+  rows = (sweep.Row('single', 'configs/fmnist_study.py:single',
+                    (('num_epochs', 1.0),)),)  # shares no run
+  with_top5 = sweep.Sweep('t5', 't5', rows, seeds=2, show_top5=True)
+  table = sweep.aggregate(with_top5, str(tmp_path))
+  assert table['cells'][0]['head_1_top5'][0] == 11.0
+  md = sweep.to_markdown(table)
+  assert '| head 1 top-5 |' in md and '| 11.00 +- 1.41 (n=2) |' in md, md
+  plain = sweep.Sweep('t5', 't5', rows, seeds=2)
+  assert 'top-5' not in sweep.to_markdown(sweep.aggregate(plain, str(tmp_path)))

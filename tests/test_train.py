@@ -45,6 +45,11 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
   assert len(results['head_test_errors']) == 2
   assert results['head_1_test_error'] == results['head_test_errors'][0]
   assert results['steps'] == 6 and results['devices'] == 8
+  assert 0 <= results['head_1_test_top5_error'] <= results['head_1_test_error']
+  assert results['head_1_test_top5_error'] == results['head_test_top5_errors'][0]
+  assert results['versions']['jax'] == jax.__version__
+  assert any(r.get('head_1/top5_error') is not None
+             for r in _metrics(tmp_path, 'eval'))
   for name in ('config.json', 'run_info.json', 'metrics.jsonl', 'results.json'):
     assert os.path.exists(tmp_path / name), name
   assert os.listdir(tmp_path / 'tensorboard')
@@ -66,6 +71,33 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again == results
   assert [r['step'] for r in _metrics(tmp_path)] == [2, 4, 6]
+
+
+def test_eval_step_top5_error_matches_numpy(data_dir):
+  config = testutil.tiny_config(data_dir)
+  data = train.create_data_source(config, 0)
+  model = train.create_model(config, data.num_classes)
+  tx = train.create_optimizer(config, lambda s: config.learning_rate)
+  state = train.create_train_state(jax.random.key(3), config, model,
+                                   data.image_shape, tx)
+  stats = {k: tuple(v) for k, v in data.stats.items()}
+  batch = next(iter(data.eval_batches()))
+  metrics = train.reduce_metrics(train.eval_step(
+      state, batch, model=model, config=config, data_stats=stats))
+  images = train.preprocess(None, batch['image'], config, stats, train=False)
+  logits = np.asarray(model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images,
+      train=False))
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask']).astype(bool)
+  def top5_error(z):
+    top5 = np.argsort(-z, axis=-1, kind='stable')[:, :5]
+    return 100 * np.mean(~(top5 == labels[:, None]).any(-1)[mask])
+  for h in range(logits.shape[0]):
+    np.testing.assert_allclose(metrics[f'head_{h + 1}/top5_error'],
+                               top5_error(logits[h]), atol=1e-4)
+    assert metrics[f'head_{h + 1}/top5_error'] <= metrics[f'head_{h + 1}/error']
+  np.testing.assert_allclose(metrics['ensemble/top5_error'],
+                             top5_error(logits.mean(0)), atol=1e-4)
 
 
 def test_halt_and_resume_is_exact(data_dir, tmp_path):
