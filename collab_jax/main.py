@@ -136,6 +136,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   try:
+    if config.method == 'distillation':  # phase 1: the teachers, as their own runs
+      if not train.train_teachers(config, FLAGS.workdir):
+        return
     train.train_and_evaluate(config, FLAGS.workdir)
   except (train.ConfigError, train.WorkdirError, train.NonFiniteError,
           input_pipeline.DatasetError) as e:

@@ -44,7 +44,7 @@ STREAMING_DATASETS = ('imagenet2012',)
 # is computed (logging, checkpoint cadence, where data lives, when to stop).
 RESUMABLE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'data_dir', 'halt_after_steps', 'progress', 'allow_config_change',
-                  'eval_every_epochs', 'max_nonfinite_streak', 'distill.teacher_workdir')
+                  'eval_every_epochs', 'max_nonfinite_streak')
 
 
 class ConfigError(ValueError):
@@ -328,8 +328,10 @@ def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
   return new_state, metrics
 
 
-def eval_step(state, batch, *, model, config, data_stats):
-  """Test metrics as (sum, count) pairs: every head, and the ensemble."""
+def eval_step(state, batch, teacher_vars=None, *, model, config, data_stats,
+              teacher_apply=None):
+  """Test metrics as (sum, count) pairs: every head, the ensemble of heads,
+  and (distillation) the ensemble of teachers."""
   images = preprocess(None, batch['image'], config, data_stats, train=False)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        images, train=False)
@@ -345,6 +347,10 @@ def eval_step(state, batch, *, model, config, data_stats):
   ensemble = jnp.mean(logits, axis=0)
   metrics['ensemble/error'] = _pair(
       100.0 * jnp.sum((jnp.argmax(ensemble, -1) != labels) * mask), count)
+  if teacher_apply is not None:
+    teachers = jnp.mean(teacher_apply(teacher_vars, images), axis=0)
+    metrics['teachers/error'] = _pair(
+        100.0 * jnp.sum((jnp.argmax(teachers, -1) != labels) * mask), count)
   if logits.shape[-1] > 5:  # top-5 error (paper Table 4), where it means something
     def top5_wrong(z):
       top5 = jax.lax.top_k(z, 5)[1]
@@ -784,28 +790,79 @@ def _peak_memory_bytes():
   return stats.get('peak_bytes_in_use')
 
 
-def _teacher_for(config, workdir, data):
-  """Phase 1 of distillation: the teacher ensemble (trained here if needed)."""
-  teacher_cfg = ml_collections.ConfigDict(config.to_dict())
-  teacher_cfg.method = 'collaborative'
-  teacher_cfg.beta = 1.0  # independent networks: hard loss only
-  teacher_cfg.model.splits = ((0, config.distill.num_teachers),)
-  teacher_dir = config.distill.teacher_workdir or os.path.join(workdir, 'teachers')
-  if not os.path.exists(os.path.join(teacher_dir, 'results.json')):
-    print(f'distillation phase 1/2: training an ensemble of '
-          f'{config.distill.num_teachers} teachers in {teacher_dir}', flush=True)
-    train_and_evaluate(teacher_cfg, teacher_dir)
-  else:
-    print(f'distillation phase 1/2: teachers already trained in {teacher_dir}',
-          flush=True)
-  model, variables = load_run_variables(teacher_dir, teacher_cfg,
-                                        data.num_classes, data.image_shape)
-  with open(os.path.join(teacher_dir, 'results.json')) as f:
-    teacher_results = json.load(f)
-  apply = functools.partial(model.apply, train=False)
-  print('distillation phase 2/2: training the student against the teachers\' '
-        'mean logits', flush=True)
-  return (apply, variables), teacher_results
+def teacher_runs(config, workdir):
+  """Phase 1 of distillation: `(config, workdir)` of every teacher run.
+
+  The teachers are ordinary runs of the single network, trained on the labels
+  alone and independently of each other (own seed, hence own initialisation,
+  data order and augmentation), as an ensemble of separately trained networks
+  is what the paper distils from. `distill.teacher_workdirs` names finished
+  runs to use instead; otherwise teacher k (1-based) of a run with seed s
+  trains in `<workdir>/teachers/teacher_<k>` with seed `1000 * (s + 1) + k`.
+  """
+  if config.distill.teacher_workdirs:
+    out = []
+    for teacher_dir in config.distill.teacher_workdirs:
+      path = os.path.join(teacher_dir, 'config.json')
+      try:
+        with open(path) as f:
+          out.append((ml_collections.ConfigDict(json.load(f)), teacher_dir))
+      except (OSError, ValueError) as e:
+        raise ConfigError(
+            f'config.distill.teacher_workdirs: cannot read {path} ({e}); name '
+            'the workdirs of finished collab_jax runs.') from None
+    return out
+  out = []
+  for k in range(1, config.distill.num_teachers + 1):
+    teacher = ml_collections.ConfigDict(config.to_dict())
+    teacher.method = 'collaborative'
+    teacher.beta = 1.0
+    teacher.model.splits = ()
+    teacher.seed = 1000 * (config.seed + 1) + k
+    teacher.distill.teacher_workdirs = ()
+    out.append((teacher, os.path.join(workdir, 'teachers', f'teacher_{k}')))
+  return out
+
+
+def train_teachers(config, workdir):
+  """Trains (or resumes, or finds finished) every teacher run of `config`.
+
+  Returns:
+    True when every teacher has finished, False when one stopped early (a
+    signal or `halt_after_steps`; rerunning resumes it).
+  """
+  runs = teacher_runs(config, workdir)
+  for k, (teacher, teacher_dir) in enumerate(runs, 1):
+    print(f'distillation phase 1/2: teacher {k}/{len(runs)} (seed '
+          f'{teacher.seed}) in {teacher_dir}', flush=True)
+    if train_and_evaluate(teacher, teacher_dir) is None:
+      return False
+  return True
+
+
+def _load_teachers(config, workdir, data):
+  """The finished teacher runs' variables and an apply giving [N, B, C] logits."""
+  nets, variables, results = [], [], []
+  for teacher, teacher_dir in teacher_runs(config, workdir):
+    if not os.path.exists(os.path.join(teacher_dir, 'results.json')):
+      raise ConfigError(
+          f'distillation: teacher run {teacher_dir} has not finished; '
+          'python -m collab_jax.main trains the teachers first '
+          '(or call train.train_teachers).')
+    model, v = load_run_variables(teacher_dir, teacher, data.num_classes,
+                                  data.image_shape)
+    with open(os.path.join(teacher_dir, 'results.json')) as f:
+      results.append(json.load(f))
+    nets.append(model)
+    variables.append(v)
+
+  def apply(teacher_vars, images):
+    return jnp.stack([net.apply(v, images, train=False)[0]
+                      for net, v in zip(nets, teacher_vars)])
+
+  print('distillation phase 2/2: training the student against the mean logits '
+        f'of {len(nets)} independently trained teachers', flush=True)
+  return apply, variables, [r['head_1_test_error'] for r in results]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -849,10 +906,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   steps_per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
   num_steps = total_steps(config, steps_per_epoch)
 
-  teacher_apply, teacher_vars, teacher_results = None, {}, None
+  teacher_apply, teacher_vars, teacher_errors = None, {}, None
   if config.method == 'distillation':
-    (teacher_apply, teacher_vars), teacher_results = _teacher_for(
-        config, workdir, data)
+    teacher_apply, teacher_vars, teacher_errors = _load_teachers(config, workdir, data)
     teacher_vars = jax.device_put(teacher_vars, replicated)
 
   model = create_model(config, data.num_classes)
@@ -891,8 +947,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   stats = {k: tuple(float(x) for x in v) for k, v in data.stats.items()}
   step_impl = alternating_train_step if config.method == 'alternating' else train_step
   step_kwargs = dict(model=model, tx=tx, config=config, data_stats=stats)
+  eval_kwargs = dict(model=model, config=config, data_stats=stats)
   if teacher_apply is not None:
     step_kwargs['teacher_apply'] = teacher_apply
+    eval_kwargs['teacher_apply'] = teacher_apply
   # On XLA:CPU keep the residual outputs' optimisation barriers through
   # fusion (models.layers.materialize; measured in experiments/results/bench.md).
   options = models.compiler_options(jax.devices()[0].platform) or None
@@ -900,9 +958,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                       in_shardings=(replicated, data_sharding, replicated),
                       out_shardings=(replicated, replicated),
                       donate_argnums=(0,), compiler_options=options)
-  jit_eval = jax.jit(functools.partial(eval_step, model=model, config=config,
-                                       data_stats=stats),
-                     in_shardings=(replicated, data_sharding),
+  jit_eval = jax.jit(functools.partial(eval_step, **eval_kwargs),
+                     in_shardings=(replicated, data_sharding, replicated),
                      out_shardings=replicated)
 
   def to_global(local):
@@ -912,7 +969,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   def evaluate(state):
     acc = None
     for local in data.eval_batches():
-      acc = _accumulate(acc, jit_eval(state, to_global(local)))
+      acc = _accumulate(acc, jit_eval(state, to_global(local), teacher_vars))
     return reduce_metrics(acc)
 
   writer = logging_utils.MetricWriter(workdir, enabled=is_main)
@@ -1026,9 +1083,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       'peak_memory_bytes': _peak_memory_bytes(),
       **run_info,
   }
-  if teacher_results is not None:
-    results['teacher_test_errors'] = teacher_results['head_test_errors']
-    results['teacher_ensemble_test_error'] = teacher_results['ensemble_test_error']
+  if teacher_errors is not None:
+    results['teacher_test_errors'] = teacher_errors
+    results['teacher_ensemble_test_error'] = final['teachers/error']
   # Every process takes part in the save (orbax synchronises them); process 0
   # writes the files. An existing export (e.g. written just before a crash)
   # is kept; orbax writes to a temporary folder and renames it when complete.

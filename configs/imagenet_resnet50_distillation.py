@@ -1,8 +1,14 @@
 """ImageNet ResNet-50, distillation from an ensemble of two ResNet-50: paper Table 4. Paper: 22.65 / 6.34 top-1 / top-5 error %.
 Needs the prepared tfds `imagenet2012` (manual download; pass
---config.data_dir). Two phases for distillation: the teacher ensemble is
-trained first in <workdir>/teachers (or reused from
---config.distill.teacher_workdir).
+--config.data_dir).
+Two phases, each an ordinary resumable run: phase 1 trains
+distill.num_teachers single ResNet-50s on the labels, each with its own seed
+(1000 * (seed + 1) + k) in <workdir>/teachers/teacher_<k> (or uses the
+finished runs named by --config.distill.teacher_workdirs); phase 2 trains the
+student on beta * CE(labels) + (1 - beta) * T^2 * CE(softmax(mean of the
+teachers' logits / T), student / T). The paper leaves beta, T and how the
+teachers are combined open; we use its collaborative values (beta = 0.5,
+T = 2) and the mean of the teachers' logits.
 
   python -m collab_jax.main --config=configs/imagenet_resnet50_distillation.py --workdir=runs/imagenet_resnet50_distillation
 

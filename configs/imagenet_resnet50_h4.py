@@ -1,8 +1,6 @@
 """ImageNet ResNet-50, 4 heads, hierarchical ILR sharing: paper Table 4. Paper: 22.29 / 6.21 top-1 / top-5 error %.
 Needs the prepared tfds `imagenet2012` (manual download; pass
---config.data_dir). Two phases for distillation: the teacher ensemble is
-trained first in <workdir>/teachers (or reused from
---config.distill.teacher_workdir).
+--config.data_dir).
 
   python -m collab_jax.main --config=configs/imagenet_resnet50_h4.py --workdir=runs/imagenet_resnet50_h4
 

@@ -166,13 +166,26 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
   config = testutil.tiny_config(data_dir, method=method, num_train_steps=2,
                                 label_smoothing=0.1)
   config.model.splits = splits
+  if method == 'distillation':  # the student needs finished teachers
+    with pytest.raises(train.ConfigError, match='teacher run .* has not finished'):
+      train.train_and_evaluate(config, str(tmp_path))
+    assert train.train_teachers(config, str(tmp_path))
   results = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(results['head_1_test_error'])
   if method == 'distillation':  # two phases, both visible, teachers kept
     out = capsys.readouterr().out
     assert 'phase 1/2' in out and 'phase 2/2' in out
+    # Independent teachers: separate runs, each with its own seed.
+    seeds = []
+    for k in (1, 2):
+      teacher_dir = tmp_path / 'teachers' / f'teacher_{k}'
+      with open(teacher_dir / 'results.json') as f:
+        assert json.load(f)['heads'] == 1
+      with open(teacher_dir / 'config.json') as f:
+        seeds.append(json.load(f)['seed'])
+    assert seeds == [1001, 1002]
     assert len(results['teacher_test_errors']) == 2
-    assert os.path.exists(tmp_path / 'teachers' / 'results.json')
+    assert 0 <= results['teacher_ensemble_test_error'] <= 100
 
 
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
