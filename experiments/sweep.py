@@ -307,6 +307,35 @@ def _mean_std(values):
           statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+# Two-sided 5 % critical values of Student's t for 1..10 degrees of freedom
+# (any statistics table); more seeds than 11 use the normal 1.96.
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired(base_runs, runs):
+  """Paired comparison of a row with the baseline row over their common seeds.
+
+  Returns {n, diff, se, wins, t, verdict}: `diff` is the mean over seeds of
+  (row - baseline) head-1 error, `se` its standard error, `wins` the seeds in
+  which the row's error is lower. The verdict is 'better' or 'worse' when a
+  two-sided paired t-test rejects equality at the 5 % level, else 'tie'
+  (no difference shown); one pair decides nothing.
+  """
+  base = {r['seed']: r['head_1'] for r in base_runs}
+  diffs = [r['head_1'] - base[r['seed']] for r in runs if r['seed'] in base]
+  n = len(diffs)
+  if n < 2:
+    return {'n': n, 'diff': diffs[0] if diffs else None, 'se': None,
+            'wins': sum(d < 0 for d in diffs), 't': None, 'verdict': 'n/a'}
+  mean, std = _mean_std(diffs)
+  se = std / math.sqrt(n)
+  t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
+  crit = _T_975[n - 2] if n - 1 <= len(_T_975) else 1.96
+  verdict = 'better' if t < -crit else 'worse' if t > crit else 'tie'
+  return {'n': n, 'diff': mean, 'se': se, 'wins': sum(d < 0 for d in diffs),
+          't': t, 'verdict': verdict}
+
+
 def _fmt(mean, std, n):
   if mean is None:
     return 'n/a (0 runs)'
@@ -350,8 +379,14 @@ def aggregate(sweep, root, extra=()):
                     **({'head_1_top5': _mean_std(top5), 'n_top5': len(top5)}
                        if sweep.show_top5 else {})})
   title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
+  base = sweep.rows[0].name
+  comparisons = [
+      {'row': c['row'], 'noise': c['noise'], 'baseline': base,
+       **paired(next(b['runs'] for b in cells
+                     if b['row'] == base and b['noise'] == c['noise']), c['runs'])}
+      for c in cells if c['row'] != base]
   return {'sweep': variant_name(sweep, extra), 'title': title, 'seeds': sweep.seeds,
-          'cells': cells}
+          'cells': cells, 'paired': comparisons}
 
 
 def to_markdown(table):
@@ -388,6 +423,22 @@ def to_markdown(table):
       run_time = f'{sum(times) / len(times):.0f}' if times else '-'
       line += f'{c["paper"] or "-"} | {run_time} |'
       lines.append(line)
+  if any(p['n'] for p in table['paired']):
+    noisy = len(noise_levels) > 1
+    lines += ['', f'Paired by seed against "{table["paired"][0]["baseline"]}" '
+              '(row minus baseline, head 1 error in points; negative = the row is '
+              'better; verdict by a two-sided paired t-test at 5 %, see '
+              'experiments/README.md):', '',
+              '| training graph | ' + ('noise | ' if noisy else '')
+              + 'pairs | mean difference +- s.e. | seeds won | verdict |',
+              '|---|' + ('---|' if noisy else '') + '---|---|---|---|']
+    for p in table['paired']:
+      if not p['n']:
+        continue
+      diff = (f'{p["diff"]:+.2f} +- {p["se"]:.2f}' if p['se'] is not None
+              else f'{p["diff"]:+.2f}')
+      lines.append(f'| {p["row"]} | ' + (f'{int(p["noise"] * 100)} % | ' if noisy else '')
+                   + f'{p["n"]} | {diff} | {p["wins"]}/{p["n"]} | {p["verdict"]} |')
   seen, total = set(), 0.0
   for c in table['cells']:
     for r in c['runs']:

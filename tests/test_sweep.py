@@ -165,3 +165,19 @@ def test_top5_column_when_the_sweep_asks_for_it(tmp_path):
   assert '| head 1 top-5 |' in md and '| 11.00 +- 1.41 (n=2) |' in md, md
   plain = sweep.Sweep('t5', 't5', rows, seeds=2)
   assert 'top-5' not in sweep.to_markdown(sweep.aggregate(plain, str(tmp_path)))
+
+
+def test_paired_comparison_against_the_baseline():
+  sweep = _sweep_module()
+  base = [{'seed': s, 'head_1': e} for s, e in enumerate((20.0, 21.0, 19.0))]
+  # Differences -1.0, -1.2, -0.8: mean -1.0, s.e. 0.2/sqrt(3), t = -8.66.
+  better = [{'seed': s, 'head_1': e} for s, e in enumerate((19.0, 19.8, 18.2))]
+  p = sweep.paired(base, better)
+  assert p['n'] == 3 and p['wins'] == 3 and p['verdict'] == 'better'
+  assert abs(p['diff'] + 1.0) < 1e-12 and abs(p['t'] + 8.660254) < 1e-5
+  # Wins in every seed but too noisy for 3 pairs (t = -1.6 > -4.303): a tie.
+  noisy = [{'seed': s, 'head_1': e} for s, e in enumerate((19.9, 20.0, 16.0))]
+  assert sweep.paired(base, noisy)['verdict'] == 'tie'
+  assert sweep.paired(better, base)['verdict'] == 'worse'
+  # Only common seeds are paired; one pair decides nothing.
+  assert sweep.paired(base, better[:1] + [{'seed': 7, 'head_1': 1.0}])['verdict'] == 'n/a'
