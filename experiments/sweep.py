@@ -44,6 +44,7 @@ class Row:
   config: str           # path relative to the repository root[:argument]
   overrides: Tuple[Tuple[str, object], ...] = ()
   paper: str = ''       # the paper's number for the analogous row
+  x: Optional[float] = None  # the row's value of the factor a sensitivity sweep varies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Sweep:
   show_heads: bool = False
   # Head 1's top-5 error beside top-1 (the paper's Table 4 has both).
   show_top5: bool = False
+  # Sensitivity sweeps: the factor the rows' `x` values vary (plot's x axis).
+  factor: str = ''
 
 
 # ---------------------------------------------------------------------------
@@ -65,8 +68,8 @@ class Sweep:
 FMNIST = 'configs/fmnist_study.py'
 
 
-def _fm(name, graph, paper='', **overrides):
-  return Row(name, f'{FMNIST}:{graph}', tuple(sorted(overrides.items())), paper)
+def _fm(name, graph, paper='', x=None, **overrides):
+  return Row(name, f'{FMNIST}:{graph}', tuple(sorted(overrides.items())), paper, x)
 
 
 SWEEPS: Dict[str, Sweep] = {}
@@ -125,6 +128,25 @@ _add(Sweep('fmnist_figure3_shared_draws',
            tuple(_fm(name, graph, label_noise_draws='shared')
                  for name, graph in _FIGURE3),
            seeds=3, noise_levels=(0.2, 0.4, 0.6, 0.8)))
+
+# Sensitivity (the paper's supplement, Sec. 6, studies beta, T and the split
+# point of ResNet-32 on CIFAR-10): one factor at a time around the paper's
+# values, on 2 heads with simple ILR sharing, against the single network.
+_SINGLE = _fm('single instance', 'single')
+_add(Sweep('fmnist_sensitivity_beta', 'Sensitivity to beta (2 heads, simple ILR sharing)', (
+    _SINGLE, *(_fm(f'beta = {b}' + (' (labels only)' if b == 1.0 else ''),
+                   'h2_simple', x=b, beta=b) for b in (0.25, 0.5, 0.75, 1.0))),
+           factor='beta'))
+_add(Sweep('fmnist_sensitivity_temperature',
+           'Sensitivity to T (2 heads, simple ILR sharing)', (
+               _SINGLE, *(_fm(f'T = {t:g}', 'h2_simple', x=t, temperature=t)
+                          for t in (1.0, 2.0, 4.0, 8.0))), factor='T'))
+_add(Sweep('fmnist_sensitivity_split', 'Sensitivity to the split point (2 heads)', (
+    _SINGLE,
+    _fm('split before stage 0 (2 instances)', 'h2_instances', x=0),
+    _fm('split before stage 1 (paper)', 'h2_simple', x=1),
+    _fm('split before stage 2', 'h2_simple', x=2, **{'model.splits': ((2, 2),)}),
+), factor='split point (stage index)'))
 
 
 # ---------------------------------------------------------------------------
@@ -479,6 +501,31 @@ def plot_noise(table, path):
   plt.close(fig)
 
 
+def plot_factor(table, sweep, path):
+  """Sensitivity plot: head 1 error against the factor, the single network as a line."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  xs = {r.name: r.x for r in sweep.rows}
+  cells = [c for c in table['cells'] if c['n'] and xs[c['row']] is not None]
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  if cells:
+    ax.errorbar([xs[c['row']] for c in cells], [c['head_1_mean'] for c in cells],
+                yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
+                label='head 1 (mean +- std over seeds)')
+  for c in table['cells']:
+    if xs[c['row']] is None and c['n']:
+      ax.axhline(c['head_1_mean'], color='gray', ls='--', label=c['row'])
+  ax.set_xlabel(sweep.factor)
+  ax.set_ylabel('head 1 test error (%)')
+  ax.set_title(table['title'], fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):
   table = aggregate(sweep, root, extra)
   os.makedirs(out_dir, exist_ok=True)
@@ -489,6 +536,8 @@ def write_tables(sweep, root, out_dir=RESULTS, extra=()):
     f.write(to_markdown(table))
   if len(sweep.noise_levels) > 1:
     plot_noise(table, os.path.join(out_dir, f'{table["sweep"]}.png'))
+  if sweep.factor:
+    plot_factor(table, sweep, os.path.join(out_dir, f'{table["sweep"]}.png'))
   return table
 
 
