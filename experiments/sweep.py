@@ -478,20 +478,19 @@ def _run_times(runs):
   return [r['steps'] * r['step_time_s'] for r in runs if r.get('step_time_s')]
 
 
-def plot_noise(table, path):
-  """Figure 3 analogue: head 1 error against the noise level, one line per row."""
+def _plot(table, path, xlabel, lines, hlines=(), size=(5.5, 4)):
+  """Head 1 error (mean +- std) of `lines` [(label, xs, cells)] against x."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for row in dict.fromkeys(c['row'] for c in table['cells']):
-    cells = [c for c in table['cells'] if c['row'] == row and c['n']]
-    if not cells:
-      continue
-    ax.errorbar([100 * c['noise'] for c in cells], [c['head_1_mean'] for c in cells],
+  fig, ax = plt.subplots(figsize=size)
+  for label, xs, cells in lines:
+    ax.errorbar(xs, [c['head_1_mean'] for c in cells],
                 yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
-                label=row)
-  ax.set_xlabel('label noise (%)')
+                label=label)
+  for label, y in hlines:
+    ax.axhline(y, color='gray', ls='--', label=label)
+  ax.set_xlabel(xlabel)
   ax.set_ylabel('head 1 test error (%)')
   ax.set_title(table['title'], fontsize=9)
   ax.grid(alpha=0.3)
@@ -499,31 +498,27 @@ def plot_noise(table, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_noise(table, path):
+  """Figure 3 analogue: head 1 error against the noise level, one line per row."""
+  lines = []
+  for row in dict.fromkeys(c['row'] for c in table['cells']):
+    cells = [c for c in table['cells'] if c['row'] == row and c['n']]
+    if cells:
+      lines.append((row, [100 * c['noise'] for c in cells], cells))
+  _plot(table, path, 'label noise (%)', lines)
 
 
 def plot_factor(table, sweep, path):
   """Sensitivity plot: head 1 error against the factor, the single network as a line."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   xs = {r.name: r.x for r in sweep.rows}
   cells = [c for c in table['cells'] if c['n'] and xs[c['row']] is not None]
-  fig, ax = plt.subplots(figsize=(5, 3.6))
-  if cells:
-    ax.errorbar([xs[c['row']] for c in cells], [c['head_1_mean'] for c in cells],
-                yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
-                label='head 1 (mean +- std over seeds)')
-  for c in table['cells']:
-    if xs[c['row']] is None and c['n']:
-      ax.axhline(c['head_1_mean'], color='gray', ls='--', label=c['row'])
-  ax.set_xlabel(sweep.factor)
-  ax.set_ylabel('head 1 test error (%)')
-  ax.set_title(table['title'], fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  lines = [('head 1 (mean +- std over seeds)', [xs[c['row']] for c in cells],
+            cells)] if cells else []
+  hlines = [(c['row'], c['head_1_mean']) for c in table['cells']
+            if xs[c['row']] is None and c['n']]
+  _plot(table, path, sweep.factor, lines, hlines, size=(5, 3.6))
 
 
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from collab_jax import input_pipeline
 from collab_jax import recipes
 from collab_jax import train
+import test_methods
 import testutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,12 +76,7 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
 
 def test_eval_step_top5_error_matches_numpy(data_dir):
   config = testutil.tiny_config(data_dir)
-  data = train.create_data_source(config, 0)
-  model = train.create_model(config, data.num_classes)
-  tx = train.create_optimizer(config, lambda s: config.learning_rate)
-  state = train.create_train_state(jax.random.key(3), config, model,
-                                   data.image_shape, tx)
-  stats = {k: tuple(v) for k, v in data.stats.items()}
+  data, model, _, state, stats, _ = test_methods._setup(config)  # pylint: disable=protected-access
   batch = next(iter(data.eval_batches()))
   metrics = train.reduce_metrics(train.eval_step(
       state, batch, model=model, config=config, data_stats=stats))
