@@ -11,7 +11,49 @@ to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
 
 import glob
 import os
+import signal
 import sys
+import threading
+
+
+def _interrupted(signum=None, frame=None):
+  """Ctrl-C outside the training loop: nothing to save, so end at once (130)."""
+  del signum, frame
+  try:
+    sys.stdout.flush()
+    print('interrupted.', file=sys.stderr, flush=True)
+  finally:
+    # Not a KeyboardInterrupt: unwinding through a half-done import of
+    # TensorFlow, an XLA compilation or orbax's threads can print tracebacks
+    # or crash at exit. The workdir lock is the kernel's (flock); everything
+    # in the workdir is written atomically or cleaned up at the next start.
+    os._exit(130)  # pylint: disable=protected-access
+
+
+def _exit_on_interrupt():
+  """Installs `_interrupted` for SIGINT, effective even inside C++ calls.
+
+  Python runs signal handlers only between bytecodes, i.e. after a minutes-long
+  XLA compilation returns. The wakeup fd is written at once by the C-level
+  handler, so a thread waiting on it ends the process immediately, unless the
+  training loop's handler (a checkpoint, then exit 0) is installed instead.
+  """
+  signal.signal(signal.SIGINT, _interrupted)
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd)
+
+  def watch():
+    while True:
+      received = os.read(read_fd, 64)
+      if (signal.SIGINT in received
+          and signal.getsignal(signal.SIGINT) is _interrupted):
+        _interrupted()
+  threading.Thread(target=watch, daemon=True, name='sigint-watch').start()
+
+
+if __name__ == '__main__':
+  _exit_on_interrupt()
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
@@ -140,9 +182,8 @@ def main(argv):
   except (train.ConfigError, train.WorkdirError, train.NonFiniteError,
           input_pipeline.DatasetError) as e:
     _fail(e)
-  except KeyboardInterrupt:  # Ctrl-C before the training loop (or twice)
-    print('interrupted.', file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt:  # Ctrl-C twice in the training loop
+    _interrupted()
 
 
 if __name__ == '__main__':

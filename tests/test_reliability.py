@@ -215,6 +215,76 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
   _assert_trees_equal(_state(workdir, config), base_state)
 
 
+def test_sigint_during_compilation_exits_130_without_traceback(data_dir, tmp_path):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  # No compilation cache: compiling takes long enough to be interrupted.
+  env = {k: v for k, v in _env().items() if not k.startswith('JAX_COMPILATION')}
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
+  proc = _start([f'--config={cfg}', f'--workdir={workdir}'], tmp_path / 'log',
+                env=env)
+  # config.json is written just before the train step is compiled and
+  # run_info.json just after.
+  t0 = time.time()
+  while not (workdir / 'config.json').exists():
+    assert proc.poll() is None, open(tmp_path / 'log').read()
+    assert time.time() - t0 < 180
+    time.sleep(0.01)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  t_signal = time.time()
+  rc = proc.wait(60)
+  log = open(tmp_path / 'log').read()
+  assert rc == 130, log
+  assert not (workdir / 'run_info.json').exists(), 'compilation had finished'
+  assert 'Traceback' not in log and 'Fatal' not in log, log
+  assert log.strip().splitlines()[-1] == 'interrupted.', log
+  assert _train_records(workdir) == []
+  print(f'exited {time.time() - t_signal:.2f} s after SIGINT')
+  # The next start is not blocked by the interrupted one and trains.
+  out = _run([f'--config={cfg}', f'--workdir={workdir}',
+              '--config.halt_after_steps=2'])
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# 2b. One trainer per workdir.
+
+
+def test_second_trainer_on_a_busy_workdir_is_refused(data_dir, tmp_path):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  args = [f'--config={cfg}', f'--workdir={workdir}']
+  procs = [_start(args, tmp_path / f'log{i}') for i in range(2)]
+  rcs = [p.wait(300) for p in procs]
+  logs = [open(tmp_path / f'log{i}').read() for i in range(2)]
+  assert sorted(rcs) == [0, 2], (rcs, logs)
+  winner, loser = (0, 1) if rcs[0] == 0 else (1, 0)
+  lines = [l for l in logs[loser].splitlines() if l.strip()]
+  assert len(lines) == 1, logs[loser]
+  assert lines[0].startswith(f'error: workdir {workdir} is in use by another '
+                             f'trainer (pid {procs[winner].pid} on host '
+                             f'{socket.gethostname()}'), lines[0]
+  assert [r['step'] for r in _train_records(workdir)] == list(range(1, STEPS + 1))
+  assert os.path.exists(workdir / 'results.json')
+
+
+def test_lock_is_held_for_the_run_and_released_after(data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  config = _config(data_dir, num_train_steps=2)
+  with train.workdir_lock(str(workdir)):
+    with pytest.raises(train.WorkdirError,
+                       match=f'in use by another trainer \\(pid {os.getpid()} '):
+      train.train_and_evaluate(config, str(workdir))
+  assert not os.path.exists(workdir / 'config.json')  # refused before any work
+  # A lock file left by a process that died (its flock went with it).
+  (workdir / 'trainer.lock').write_text('pid 999999 on host elsewhere')
+  assert train.train_and_evaluate(config, str(workdir))['steps'] == 2
+  with train.workdir_lock(str(workdir)):  # released when the run returned
+    pass
+
+
 # ----------------------------------------------------------------------------
 # 3. Corrupt checkpoints.
 
