@@ -3,7 +3,8 @@
   python -m collab_jax.main --config=configs/default.py --workdir=runs/default
 
 Any config value can be overridden, e.g. `--config.num_epochs=1` or
-`--config.model.splits='((1, 2),)'` (collab_jax/recipes.py lists every key).
+`--config.model.splits='((1, 2),)'` (collab_jax/recipes.py lists every key);
+of a key given twice, the last value wins.
 Rerunning with the same workdir resumes from its last checkpoint; a finished
 run is not trained again. Head 1's test error is the headline result, written
 to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
@@ -106,6 +107,30 @@ def _summary(message):
   return ' '.join(lines)
 
 
+def last_override_wins(argv):
+  """`argv` with only the last of repeated `--config.KEY=VALUE` overrides.
+
+  absl appends the values of a repeated flag, and ml_collections' tuple
+  parser then merges them: `--config.model.splits='((1, 2),)'` given twice
+  would become `((1, 2), (1, 2))`. A later override replaces an earlier one
+  instead (experiments/sweep.py appends the user's overrides last). The
+  `--config.KEY VALUE` form, repeated, is refused rather than guessed at.
+  """
+  end = argv.index('--') if '--' in argv else len(argv)
+  where = {}
+  for i, arg in enumerate(argv[1:end], 1):
+    if arg.startswith('--config.'):
+      where.setdefault(arg.split('=', 1)[0], []).append(i)
+  drop = set()
+  for key, places in where.items():
+    if len(places) > 1:
+      if any('=' not in argv[i] for i in places):
+        _fail(f'{key} is given {len(places)} times; give it once, as '
+              f'{key}=VALUE.')
+      drop.update(places[:-1])
+  return [a for i, a in enumerate(argv) if i not in drop]
+
+
 def parse_flags(argv):
   """absl's flag parsing, with each mistake reported as one `error:` line.
 
@@ -116,6 +141,7 @@ def parse_flags(argv):
   path = next((a.split('=', 1)[1].split(':')[0] for a in argv[1:]
                if a.startswith('--config=')), '')
   logging.set_verbosity(logging.ERROR)  # ml_collections' parse-time warnings
+  argv = last_override_wins(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:

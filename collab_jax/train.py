@@ -12,6 +12,7 @@ the global batch (XLA inserts the reductions), i.e. synchronised BatchNorm.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import json
@@ -730,8 +731,12 @@ def _checkpoint_manager(workdir, config, cleanup=False):
   `cleanup` removes the `<step>.orbax-checkpoint-tmp-*` folders of saves that
   a killed run left half-written (orbax never lists them as steps).
   """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise WorkdirError(f'{directory} is a file, not the checkpoint folder: '
+                       'move it away and rerun (the run then starts over).')
   manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      directory,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           cleanup_tmp_directories=cleanup))
@@ -881,7 +886,11 @@ def _forget_logs_after(workdir, step):
       return json.loads(line)['step']
     except (ValueError, KeyError, TypeError):  # e.g. cut short by a kill
       return math.inf
-  with open(path) as f:
+  if not os.path.isfile(path):
+    raise WorkdirError(f'{path} (the run\'s metric log) is not a file: move '
+                       'it away and rerun.')
+  # Undecodable bytes (a damaged line) become U+FFFD: that line is dropped.
+  with open(path, encoding='utf-8', errors='replace') as f:
     lines = f.readlines()
   keep = [l for l in lines if step_of(l) <= step]
   if len(keep) < len(lines):
@@ -994,7 +1003,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     results = _finished_results(workdir)
     if results is not None:
       return results
-    return _train_and_evaluate_locked(config, workdir, config_changes)
+    try:
+      return _train_and_evaluate_locked(config, workdir, config_changes)
+    except Exception as e:  # pylint: disable=broad-except
+      full = _disk_full(e)
+      if full is None:
+        raise
+      where = f' writing {full.filename}' if full.filename else ''
+      raise WorkdirError(
+          f'no space left on the device of {workdir}{where} '
+          f'({os.strerror(full.errno)}): free some space and rerun the same '
+          'command; it resumes from the last complete checkpoint.') from None
+
+
+def _disk_full(error):
+  """The ENOSPC/EDQUOT OSError behind `error` (orbax wraps them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _finished_results(workdir):

@@ -5,6 +5,7 @@ Runs go through the real CLI (`python -m collab_jax.main`) in subprocesses
 where a process has to die or several have to join; the rest is in-process.
 """
 
+import errno
 import glob
 import gzip
 import json
@@ -602,6 +603,97 @@ def test_bad_workdir_is_one_clear_line(data_dir, tmp_path):
     train.train_and_evaluate(_config(data_dir), str(tmp_path / 'run'))
 
 
+DAMAGED = [  # (what to damage, a regular expression of the one-line error)
+    ('results.json', 'garbage', r'results.json is not valid JSON \(results.json '
+     r'of a finished run\): remove it \(and export/\)'),
+    ('results.json', '{"steps": 4}', 'results.json has no head_1_test_error'),
+    ('results.json', 'dir', 'results.json is a directory, not a file'),
+    ('config.json', 'dir', 'config.json is a directory, not a file'),
+    ('config.json', '[1, 2]', 'config.json is not a config record'),
+    ('metrics.jsonl', 'dir', r"metrics.jsonl \(the run's metric log\) is not a "
+     'file: move it away'),
+    ('checkpoints', 'file', 'checkpoints is a file, not the checkpoint folder: '
+     'move it away'),
+]
+
+
+@pytest.mark.parametrize('name,damage,message', DAMAGED,
+                         ids=[f'{n}-{d[:7]}' for n, d, _ in DAMAGED])
+def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
+                                                damage, message):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  if name == 'config.json' and damage != 'dir':
+    pass
+  path = workdir / name
+  if damage == 'dir':
+    path.mkdir()
+  elif damage == 'file':
+    path.write_text('')
+  else:
+    path.write_text(damage)
+  with pytest.raises(train.WorkdirError, match=message) as e:
+    train.train_and_evaluate(_config(data_dir, num_train_steps=2), str(workdir))
+  assert '\n' not in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+def test_damaged_metric_lines_are_dropped_on_resume(data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  config = _config(data_dir, num_train_steps=4, halt_after_steps=2)
+  assert train.train_and_evaluate(config, str(workdir)) is None
+  with open(workdir / 'metrics.jsonl', 'ab') as f:
+    f.write(b'\xff\xfe{"step": 3, "kind": "tr')  # a damaged, cut-short line
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results['steps'] == 4
+  assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
+
+
+def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
+                                                     monkeypatch):
+  workdir = tmp_path / 'run'
+  config = _config(data_dir, num_train_steps=4, label_noise=0.0)
+  write = train.logging_utils.MetricWriter.write
+
+  def full_at_step_3(self, step, scalars, kind='train'):
+    if step == 3:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, step, scalars, kind)
+  monkeypatch.setattr(train.logging_utils.MetricWriter, 'write', full_at_step_3)
+  with pytest.raises(train.WorkdirError) as e:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(e.value)
+  assert message.startswith(f'no space left on the device of {workdir} '
+                            '(No space left on device): free some space'), message
+  assert '\n' not in message and not (workdir / 'results.json').exists()
+  monkeypatch.undo()
+  with train.workdir_lock(str(workdir)):  # released
+    pass
+  assert train.train_and_evaluate(config, str(workdir))['steps'] == 4
+  assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')
+@pytest.mark.parametrize('lr,message,skipped', [
+    # inf in float32: every update is skipped.
+    (1e39, 'all 3 updates were skipped.*no results.json', [1.0] * 3),
+    # Finite but huge parameters: kept, and the test loss overflows.
+    (1e30, r'the final evaluation is not finite \(head_1/loss.*no '
+     'results.json', None)])
+def test_run_that_trained_nothing_finite_writes_no_results(
+    data_dir, tmp_path, lr, message, skipped):
+  # Fewer steps than max_nonfinite_streak: the streak check never fires.
+  config = _config(data_dir, learning_rate=lr, label_noise=0.0,
+                   num_train_steps=3, log_every_steps=1, max_nonfinite_streak=10)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.NonFiniteError, match=message) as e:
+    train.train_and_evaluate(config, str(workdir))
+  assert '\n' not in str(e.value)
+  if skipped:
+    assert [r['nonfinite_skipped'] for r in _train_records(workdir)] == skipped
+  assert not (workdir / 'results.json').exists()
+  assert not (workdir / 'export').exists()
+
+
 def _bad_config_files(tmp_path, data_dir):
   (tmp_path / 'syntax.py').write_text('def get_config(:\n  pass\n')
   (tmp_path / 'raises.py').write_text(
@@ -626,13 +718,22 @@ CLI_CASES = [
     (['--config={tmp}/ok.py', W, 'extra'], 'unexpected arguments: extra'),
     (['--config={tmp}/ok.py'], 'flag --workdir=None'),
     (['--config={tmp}/ok.py', '--workdir='], '--workdir is empty'),
+    # Repeated overrides: the last one wins, never a merge (a merge would be
+    # ((1, 2), (1, 2)) and fail on the splits; the last is valid and the run
+    # fails on the next check).
+    (['--config={tmp}/ok.py', W, '--config.model.splits=((0, 4),)',
+      '--config.model.splits=((1, 2),)', '--config.eval_batch_size=12',
+      '--config.eval_batch_size=4'],
+     'config.eval_batch_size: 4 does not divide over 8 devices'),
+    (['--config={tmp}/ok.py', W, '--config.seed', '1', '--config.seed=2'],
+     '--config.seed is given 2 times; give it once, as --config.seed=VALUE'),
 ]
 
 
 @pytest.mark.parametrize('args,message', CLI_CASES,
                          ids=['missing', 'syntax', 'raises', 'none', 'type',
                               'literal', 'positional', 'no_workdir',
-                              'empty_workdir'])
+                              'empty_workdir', 'repeated', 'repeated_spaced'])
 def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
   _bad_config_files(tmp_path, data_dir)
   args = [a.format(tmp=tmp_path) for a in args]
