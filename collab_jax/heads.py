@@ -264,6 +264,7 @@ def export_head(variables, splits, head: int = 0):
   """
   splits = tuple(tuple(s) for s in splits)
   path = head_path(head, splits)
+  _check_variables_match(variables, splits)
   out = {}
   for collection, tree in variables.items():
     merged = dict(tree.get('trunk', {}))
@@ -272,3 +273,30 @@ def export_head(variables, splits, head: int = 0):
       merged.update(jax.tree.map(lambda a, p=prefix: a[p], tree[f'level_{level}']))
     out[collection] = merged
   return out
+
+
+def _check_variables_match(variables, splits):
+  """ValueError unless `variables` are those of a tree with `splits`.
+
+  Level `l`'s variables are stacked over the branches of levels 1..l, so their
+  leading dimensions must be those branch counts.
+  """
+  branches = tuple(b for _, b in splits)
+  want = {f'level_{l}' for l in range(1, len(splits) + 1)}
+  for collection, tree in variables.items():
+    if not tree:  # e.g. no BatchNorm statistics
+      continue
+    levels = {k for k in tree if k.startswith('level_')}
+    if levels != want:
+      raise ValueError(
+          f'splits={splits!r} has {len(splits)} split level(s) but the '
+          f'{collection!r} variables have {len(levels)} '
+          f'({", ".join(sorted(levels)) or "none"}): pass the splits the tree '
+          'was built with.')
+    for l in range(1, len(splits) + 1):
+      for leaf in jax.tree.leaves(tree[f'level_{l}']):
+        if tuple(leaf.shape[:l]) != branches[:l]:
+          raise ValueError(
+              f'splits={splits!r}: {collection!r} level_{l} variables are '
+              f'stacked as {tuple(leaf.shape[:l])}, not over the branches '
+              f'{branches[:l]}: pass the splits the tree was built with.')

@@ -104,9 +104,17 @@ def _fmt_time(seconds):
 
 
 def write_json_atomic(path, obj):
-  """Writes JSON to `path` through a temporary file and a rename."""
+  """Writes strict JSON (no NaN/Infinity) to `path` via a temporary file.
+
+  Raises ValueError for a non-finite float before anything is written.
+  """
+  text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + '\n'
   tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):  # e.g. a full disk: leave no half-written file
+      os.remove(tmp)
+    raise

@@ -15,20 +15,62 @@ cross-entropy is written with `log_softmax` (never `log(softmax)`), so bfloat16
 logits and saturated heads stay finite.
 """
 
+import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 
 
 def _check_hyper(beta, temperature):
   # Checked only for concrete values; traced hyper-parameters pass through.
+  # (The trainer's config checks call this too: one place for each range.)
   if isinstance(beta, (int, float)) and not 0.0 < beta <= 1.0:
     raise ValueError(f'beta={beta} is outside (0, 1]; the paper uses 0.5.')
-  if isinstance(temperature, (int, float)) and not temperature > 0:
-    raise ValueError(f'temperature={temperature} must be > 0; the paper uses 2.')
+  if isinstance(temperature, (int, float)) and not 0 < temperature < math.inf:
+    raise ValueError(f'temperature={temperature} must be > 0 and finite; the '
+                     'paper uses 2.')
+
+
+def _is_concrete(x):
+  """Whether `x` holds values now (not a tracer under jit/grad/vmap)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_labels(labels, num_classes):
+  """Concrete labels only: ids in [0, C), soft labels that are distributions.
+
+  Under `jit` (traced labels) nothing is checked: an id outside [0, C) becomes
+  an all-zero one-hot row (`jax.nn.one_hot`), so that example adds nothing to
+  the hard loss, and soft labels are used as given.
+  """
+  if not _is_concrete(labels):
+    return
+  values = np.asarray(labels)
+  if values.size == 0:
+    return
+  if values.ndim == 1:
+    low, high = values.min(), values.max()
+    if low < 0 or high >= num_classes:
+      bad = low if low < 0 else high
+      raise ValueError(f'label id {bad} is outside [0, {num_classes}): labels '
+                       f'must be class ids of the {num_classes} logits.')
+    return
+  values = values.astype(np.float32)
+  # A few float32 (or bfloat16) roundings per row are fine.
+  tol = max(1e-3, 8 * float(jnp.finfo(labels.dtype).eps)
+            if jnp.issubdtype(labels.dtype, jnp.floating) else 1e-3)
+  if not np.all(np.isfinite(values)) or values.min() < 0:
+    raise ValueError('soft labels must be finite and non-negative (a '
+                     'probability distribution per row).')
+  sums = values.sum(-1)
+  worst = int(np.argmax(np.abs(sums - 1.0)))
+  if abs(sums[worst] - 1.0) > tol:
+    raise ValueError(f'soft labels must sum to 1 per row; row {worst} sums to '
+                     f'{sums[worst]:.6g}.')
 
 
 def _check_logits(logits, name='logits'):
@@ -53,19 +95,26 @@ def _batch_weights(mask, batch):
 
 
 def label_targets(labels, num_classes):
-  """Integer ids `[B]` -> one-hot float32 `[B, C]`; `[B, C]` passes through."""
+  """Integer ids `[B]` -> one-hot float32 `[B, C]`; `[B, C]` passes through.
+
+  Concrete labels are checked (`_check_labels`): ids outside [0, C) and soft
+  labels that are not distributions raise ValueError. Traced labels (inside
+  `jit`) cannot be checked: an out-of-range id then counts as no label.
+  """
   labels = jnp.asarray(labels)
   if labels.ndim == 1:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
       raise ValueError(
           f'labels of shape {labels.shape} must be integer class ids, got '
           f'dtype {labels.dtype}; pass soft labels as [batch, classes].')
+    _check_labels(labels, num_classes)
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if labels.ndim == 2:
     if labels.shape[-1] != num_classes:
       raise ValueError(
           f'labels have {labels.shape[-1]} classes but logits have '
           f'{num_classes}; they must agree.')
+    _check_labels(labels, num_classes)
     return labels.astype(jnp.float32)
   raise ValueError(
       f'labels must be [batch] integer ids or [batch, classes], got shape '

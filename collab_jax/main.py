@@ -3,7 +3,8 @@
   python -m collab_jax.main --config=configs/default.py --workdir=runs/default
 
 Any config value can be overridden, e.g. `--config.num_epochs=1` or
-`--config.model.splits='((1, 2),)'` (collab_jax/recipes.py lists every key).
+`--config.model.splits='((1, 2),)'` (collab_jax/recipes.py lists every key);
+of a key given twice, the last value wins.
 Rerunning with the same workdir resumes from its last checkpoint; a finished
 run is not trained again. Head 1's test error is the headline result, written
 to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
@@ -11,7 +12,49 @@ to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
 
 import glob
 import os
+import signal
 import sys
+import threading
+
+
+def _interrupted(signum=None, frame=None):
+  """Ctrl-C outside the training loop: nothing to save, so end at once (130)."""
+  del signum, frame
+  try:
+    sys.stdout.flush()
+    print('interrupted.', file=sys.stderr, flush=True)
+  finally:
+    # Not a KeyboardInterrupt: unwinding through a half-done import of
+    # TensorFlow, an XLA compilation or orbax's threads can print tracebacks
+    # or crash at exit. The workdir lock is the kernel's (flock); everything
+    # in the workdir is written atomically or cleaned up at the next start.
+    os._exit(130)  # pylint: disable=protected-access
+
+
+def _exit_on_interrupt():
+  """Installs `_interrupted` for SIGINT, effective even inside C++ calls.
+
+  Python runs signal handlers only between bytecodes, i.e. after a minutes-long
+  XLA compilation returns. The wakeup fd is written at once by the C-level
+  handler, so a thread waiting on it ends the process immediately, unless the
+  training loop's handler (a checkpoint, then exit 0) is installed instead.
+  """
+  signal.signal(signal.SIGINT, _interrupted)
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd)
+
+  def watch():
+    while True:
+      received = os.read(read_fd, 64)
+      if (signal.SIGINT in received
+          and signal.getsignal(signal.SIGINT) is _interrupted):
+        _interrupted()
+  threading.Thread(target=watch, daemon=True, name='sigint-watch').start()
+
+
+if __name__ == '__main__':
+  _exit_on_interrupt()
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
@@ -64,6 +107,30 @@ def _summary(message):
   return ' '.join(lines)
 
 
+def last_override_wins(argv):
+  """`argv` with only the last of repeated `--config.KEY=VALUE` overrides.
+
+  absl appends the values of a repeated flag, and ml_collections' tuple
+  parser then merges them: `--config.model.splits='((1, 2),)'` given twice
+  would become `((1, 2), (1, 2))`. A later override replaces an earlier one
+  instead (experiments/sweep.py appends the user's overrides last). The
+  `--config.KEY VALUE` form, repeated, is refused rather than guessed at.
+  """
+  end = argv.index('--') if '--' in argv else len(argv)
+  where = {}
+  for i, arg in enumerate(argv[1:end], 1):
+    if arg.startswith('--config.'):
+      where.setdefault(arg.split('=', 1)[0], []).append(i)
+  drop = set()
+  for key, places in where.items():
+    if len(places) > 1:
+      if any('=' not in argv[i] for i in places):
+        _fail(f'{key} is given {len(places)} times; give it once, as '
+              f'{key}=VALUE.')
+      drop.update(places[:-1])
+  return [a for i, a in enumerate(argv) if i not in drop]
+
+
 def parse_flags(argv):
   """absl's flag parsing, with each mistake reported as one `error:` line.
 
@@ -74,6 +141,7 @@ def parse_flags(argv):
   path = next((a.split('=', 1)[1].split(':')[0] for a in argv[1:]
                if a.startswith('--config=')), '')
   logging.set_verbosity(logging.ERROR)  # ml_collections' parse-time warnings
+  argv = last_override_wins(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -143,9 +211,8 @@ def main(argv):
   except (train.ConfigError, train.WorkdirError, train.NonFiniteError,
           input_pipeline.DatasetError) as e:
     _fail(e)
-  except KeyboardInterrupt:  # Ctrl-C before the training loop (or twice)
-    print('interrupted.', file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt:  # Ctrl-C twice in the training loop
+    _interrupted()
 
 
 if __name__ == '__main__':

@@ -10,12 +10,16 @@ is replicated, the state buffers are donated. BatchNorm statistics are those of
 the global batch (XLA inserts the reductions), i.e. synchronised BatchNorm.
 """
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -75,9 +79,7 @@ def create_model(config, num_classes):
 
 def create_learning_rate_fn(config, steps_per_epoch):
   """Learning rate per step: linear warm-up, then step decay or cosine."""
-  base = config.learning_rate
-  if config.get('lr_scaling_batch', 0):
-    base = base * config.batch_size / config.lr_scaling_batch
+  base = base_learning_rate(config)
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   total = total_steps(config, steps_per_epoch)
   if config.lr_schedule == 'step':
@@ -394,18 +396,64 @@ def _versions():
   return out
 
 
+def base_learning_rate(config):
+  """The peak learning rate: `learning_rate`, scaled by the batch if asked."""
+  base = config.learning_rate
+  if config.get('lr_scaling_batch', 0):
+    base = base * config.batch_size / config.lr_scaling_batch
+  return base
+
+
+def _non_finite_keys(record, prefix=''):
+  """Flattened keys of `record` holding a NaN or an infinity (also in tuples)."""
+  out = []
+  for k, v in record.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out += _non_finite_keys(v, f'{key}.')
+    elif isinstance(v, (list, tuple)):
+      if any(isinstance(x, float) and not math.isfinite(x)
+             for x in jax.tree.leaves(list(v))):
+        out.append(key)
+    elif isinstance(v, float) and not math.isfinite(v):
+      out.append(key)
+  return out
+
+
 def validate_config(config):
-  """Raises ConfigError (one line) for values that cannot work."""
+  """Raises ConfigError (one line) for values that cannot work.
+
+  Runs before any work. A range that a component checks itself (the loss's
+  beta and temperature, label smoothing's epsilon, the split topology) is
+  checked by calling that component, and its ValueError becomes the
+  ConfigError here, so each range is written once.
+  """
   def bad(key, msg):
     raise ConfigError(f'config.{key}: {msg}')
+
+  def component(key, check, *args):
+    try:
+      check(*args)
+    except ValueError as e:
+      raise ConfigError(f'config.{key}: {e}') from None
+
+  # No NaN or infinity anywhere: none has a meaning, and config.json (strict
+  # JSON) could not hold it.
+  for key in _non_finite_keys(config.to_dict()):
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    bad(key, f'{value} is not a finite number.')
+  for key in ('seed', 'noise_seed', 'subset_seed'):
+    # numpy's generators need seeds >= 0 and jax.random.key an int64.
+    if not 0 <= config[key] < 2**63:
+      bad(key, f'{config[key]} must be an integer in [0, 2**63).')
   if config.method not in METHODS:
     bad('method', f'{config.method!r} is unknown; choose one of {", ".join(METHODS)}.')
-  if not 0.0 < config.beta <= 1.0:
-    bad('beta', f'{config.beta} is outside (0, 1]; the paper uses 0.5.')
-  if not config.temperature > 0:
-    bad('temperature', f'{config.temperature} must be > 0; the paper uses 2.')
-  if not 0.0 <= config.label_smoothing < 1.0:
-    bad('label_smoothing', f'{config.label_smoothing} must be in [0, 1).')
+  component('beta', losses._check_hyper, config.beta, 2.0)  # pylint: disable=protected-access
+  component('temperature', losses._check_hyper, 0.5, config.temperature)  # pylint: disable=protected-access
+  component('label_smoothing', losses.smooth_labels, jnp.zeros((1, 2)),
+            config.label_smoothing)
   if config.method == 'label_smoothing' and not config.label_smoothing > 0:
     bad('label_smoothing', "method 'label_smoothing' needs an epsilon > 0, "
         'e.g. --config.label_smoothing=0.05.')
@@ -413,14 +461,36 @@ def validate_config(config):
     bad('label_noise', f'{config.label_noise} must be a fraction in [0, 1).')
   if config.label_noise_draws not in ('per_run', 'shared'):
     bad('label_noise_draws', f'{config.label_noise_draws!r} is not per_run or shared.')
-  if config.batch_size <= 0:
-    bad('batch_size', f'{config.batch_size} must be positive.')
+  for key in ('batch_size', 'eval_batch_size', 'image_size'):
+    if not config[key] > 0:
+      bad(key, f'{config[key]} must be positive.')
+  for key in ('train_subset', 'augment_pad'):
+    if not config[key] >= 0:
+      bad(key, f'{config[key]} must be >= 0.')
   if config.num_epochs <= 0 and not config.num_train_steps > 0:
     bad('num_epochs', 'set num_epochs > 0 or num_train_steps > 0.')
+  if not config.lr_scaling_batch >= 0:
+    bad('lr_scaling_batch', f'{config.lr_scaling_batch} must be >= 0 (0 = no '
+        'scaling).')
   if not 0 < config.learning_rate < math.inf:
     bad('learning_rate', f'{config.learning_rate} must be positive and finite.')
-  if config.weight_decay < 0:
+  if not 0 < base_learning_rate(config) < math.inf:
+    bad('learning_rate', f'{config.learning_rate} * batch_size / '
+        f'lr_scaling_batch = {base_learning_rate(config)} must be positive and '
+        'finite.')
+  if not config.weight_decay >= 0:
     bad('weight_decay', f'{config.weight_decay} must be >= 0.')
+  if not 0 <= config.momentum < 1:
+    bad('momentum', f'{config.momentum} must be in [0, 1); the recipes use 0.9.')
+  if not config.lr_decay_factor > 0:
+    bad('lr_decay_factor', f'{config.lr_decay_factor} must be > 0 (the step '
+        'schedule multiplies the learning rate by it).')
+  if not all(isinstance(e, (int, float)) and e >= 0
+             for e in tuple(config.lr_decay_epochs)):
+    bad('lr_decay_epochs', f'{tuple(config.lr_decay_epochs)} must be epochs >= 0.')
+  for key in ('warmup_epochs', 'eval_every_epochs'):
+    if not config[key] >= 0:
+      bad(key, f'{config[key]} must be >= 0.')
   if config.optimizer != 'sgd':
     bad('optimizer', f"{config.optimizer!r}: only 'sgd' is supported.")
   if config.lr_schedule not in ('step', 'cosine', 'constant'):
@@ -431,14 +501,20 @@ def validate_config(config):
     bad('dataset', f'{config.dataset!r} is unknown; choose one of '
         f'{", ".join(datasets)}.')
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-              'max_nonfinite_streak'):
-    if not config[key] >= 1:
-      bad(key, f'{config[key]} must be >= 1.')
+              'max_nonfinite_streak', 'distill.num_teachers'):
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if not value >= 1:
+      bad(key, f'{value} must be >= 1.')
   try:
-    jnp.dtype(config.model.dtype)
+    dtype = jnp.dtype(config.model.dtype)
   except TypeError:
     bad('model.dtype', f'{config.model.dtype!r} is not a dtype; use float32 '
         'or bfloat16.')
+  if not jnp.issubdtype(dtype, jnp.floating):
+    bad('model.dtype', f'{config.model.dtype!r} is not a floating-point dtype; '
+        'use float32 or bfloat16.')
   if config.model.rescale not in heads_lib.RESCALE_MODES:
     bad('model.rescale', f'{config.model.rescale!r} is not one of '
         f'{", ".join(heads_lib.RESCALE_MODES)}.')
@@ -448,9 +524,15 @@ def validate_config(config):
   if config.model.name not in models.NETWORKS:
     bad('model.name', f'{config.model.name!r} is unknown; choose one of '
         f'{", ".join(sorted(models.NETWORKS))}.')
+  kwargs = dict(config.model.get('kwargs', {}))
+  for key, value in kwargs.items():  # width, growth_rate, ...: sizes
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      bad(f'model.kwargs.{key}', f'{value} must be >= 1.')
   try:
-    num_stages = len(models.get_stages(config.model.name, 2,
-                                       **dict(config.model.get('kwargs', {}))))
+    num_stages = len(models.get_stages(config.model.name, 2, **kwargs))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.model.kwargs: {config.model.name}: {e}') from None
+  try:
     splits = heads_lib.validate_splits(config.model.splits, num_stages)
   except ValueError as e:
     raise ConfigError(f'config.model.splits: {e}') from None
@@ -464,8 +546,6 @@ def validate_config(config):
           f'splits (), got {splits}.')
     if config.beta >= 1.0:
       bad('beta', 'distillation needs beta < 1 (beta = 1 ignores the teacher).')
-    if config.distill.num_teachers < 1:
-      bad('distill.num_teachers', 'needs at least one teacher.')
   if config.method in ('collaborative',) and heads == 1 and config.label_smoothing:
     pass  # plain smoothed single model is allowed
   n_dev = jax.device_count()
@@ -475,6 +555,53 @@ def validate_config(config):
   if config.eval_batch_size % n_dev:
     bad('eval_batch_size', f'{config.eval_batch_size} does not divide over '
         f'{n_dev} devices: use a multiple of {n_dev}.')
+
+
+LOCK_FILE = 'trainer.lock'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds `<workdir>/trainer.lock` for the life of a run: one trainer per workdir.
+
+  `fcntl.flock` is released by the kernel when the process ends, however it
+  ends (kill -9 included), so a lock left by a dead process is never stale:
+  the next run simply takes it. The holder's pid and host are written into the
+  file for the refusal message only. Several processes (multi-host): each
+  process takes its own file (`trainer.lock` for process 0, `trainer.lock.<i>`
+  for process i), so a second multi-process run on the same workdir is refused
+  by every one of its processes. flock works on local file systems and on NFS
+  (Linux emulates it there with byte-range locks).
+
+  Raises:
+    WorkdirError: another live process holds the lock.
+  """
+  name = LOCK_FILE if jax.process_index() == 0 else (
+      f'{LOCK_FILE}.{jax.process_index()}')
+  path = os.path.join(workdir, name)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f'cannot open the lock file {path}: {e.strerror}.') from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = ''
+      for _ in range(20):  # the holder writes its pid just after locking
+        holder = os.pread(fd, 200, 0).decode('utf-8', 'replace').strip()
+        if holder:
+          break
+        time.sleep(0.05)
+      raise WorkdirError(
+          f'workdir {workdir} is in use by another trainer '
+          f'({holder or "pid unknown"}; lock {path}); wait for it to end or '
+          'use another --workdir.') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on host {socket.gethostname()}'.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def _flatten(d, prefix=''):
@@ -491,6 +618,20 @@ def _config_record(config):
   return json.loads(config.to_json_best_effort())
 
 
+def read_json(path, what, fix):
+  """JSON from a workdir file, or WorkdirError naming the file and `fix`."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except IsADirectoryError:
+    raise WorkdirError(f'{path} is a directory, not a file ({what}): '
+                       f'{fix}.') from None
+  except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+    raise WorkdirError(f'{path} is not valid JSON ({what}): {fix}.') from None
+  except OSError as e:
+    raise WorkdirError(f'cannot read {path} ({what}): {e.strerror}.') from None
+
+
 def check_workdir(config, workdir):
   """Refuses a workdir made by a different config (unless allowed).
 
@@ -500,11 +641,12 @@ def check_workdir(config, workdir):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    try:
-      old = _flatten(json.load(f))
-    except json.JSONDecodeError:
-      raise WorkdirError(f'{path} is not valid JSON: repair or remove it.') from None
+  old = read_json(path, 'the config of the run in this workdir',
+                  'repair it, or remove it if the run never started')
+  if not isinstance(old, dict):
+    raise WorkdirError(f'{path} is not a config record (a JSON object): '
+                       'repair it, or use a new --workdir.')
+  old = _flatten(old)
   new = _flatten(_config_record(config))
   diff = sorted(k for k in set(old) | set(new)
                 if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
@@ -602,8 +744,12 @@ def _checkpoint_manager(workdir, config, cleanup=False):
   `cleanup` removes the `<step>.orbax-checkpoint-tmp-*` folders of saves that
   a killed run left half-written (orbax never lists them as steps).
   """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise WorkdirError(f'{directory} is a file, not the checkpoint folder: '
+                       'move it away and rerun (the run then starts over).')
   manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      directory,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           cleanup_tmp_directories=cleanup))
@@ -753,13 +899,37 @@ def _forget_logs_after(workdir, step):
       return json.loads(line)['step']
     except (ValueError, KeyError, TypeError):  # e.g. cut short by a kill
       return math.inf
-  with open(path) as f:
+  if not os.path.isfile(path):
+    raise WorkdirError(f'{path} (the run\'s metric log) is not a file: move '
+                       'it away and rerun.')
+  # Undecodable bytes (a damaged line) become U+FFFD: that line is dropped.
+  with open(path, encoding='utf-8', errors='replace') as f:
     lines = f.readlines()
   keep = [l for l in lines if step_of(l) <= step]
   if len(keep) < len(lines):
     with open(path + '.tmp', 'w') as f:
       f.writelines(keep)
     os.replace(path + '.tmp', path)
+
+
+def _check_trained(state, num_steps):
+  """NonFiniteError unless the run trained: some update kept, finite state.
+
+  With fewer steps than `max_nonfinite_streak` every update can be skipped
+  without the streak check firing; such a run is the initialisation, and its
+  results must not be reported as trained.
+  """
+  skipped = int(state.nonfinite_total)
+  if skipped >= num_steps:
+    raise NonFiniteError(
+        f'all {num_steps} updates were skipped for a non-finite loss or '
+        'gradient, so nothing was trained and no results.json was written. '
+        'Lower --config.learning_rate or check the data, in a new --workdir.')
+  if not bool(_all_finite(state.params, state.batch_stats)):
+    raise NonFiniteError(
+        'the final parameters or BatchNorm statistics are not finite; no '
+        'results.json was written. Lower --config.learning_rate or check the '
+        'data, in a new --workdir.')
 
 
 def _compiled_stats(compiled):
@@ -878,22 +1048,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     `halt_after_steps`) with a checkpoint to resume from.
   """
   validate_config(config)
-  is_main = jax.process_index() == 0
-  results_path = os.path.join(workdir, 'results.json')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} exists and is not a directory.')
-  config_changes = check_workdir(config, workdir)
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
-    print(f'{workdir} already finished: head 1 test error '
-          f'{results["head_1_test_error"]:.2f}% (nothing to do).', flush=True)
+  # Read-only checks first, so that a refused or finished workdir is not
+  # touched (not even its lock file) ...
+  check_workdir(config, workdir)
+  results = _finished_results(workdir)
+  if results is not None:
     return results
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f'cannot create workdir {workdir}: {e.strerror}.') from None
+  with workdir_lock(workdir):
+    # ... and again under the lock: a trainer that held it until now may
+    # have written config.json or finished the run meanwhile.
+    config_changes = check_workdir(config, workdir)
+    results = _finished_results(workdir)
+    if results is not None:
+      return results
+    try:
+      return _train_and_evaluate_locked(config, workdir, config_changes)
+    except Exception as e:  # pylint: disable=broad-except
+      full = _disk_full(e)
+      if full is None:
+        raise
+      where = f' writing {full.filename}' if full.filename else ''
+      raise WorkdirError(
+          f'no space left on the device of {workdir}{where} '
+          f'({os.strerror(full.errno)}): free some space and rerun the same '
+          'command; it resumes from the last complete checkpoint.') from None
 
+
+def _disk_full(error):
+  """The ENOSPC/EDQUOT OSError behind `error` (orbax wraps them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _finished_results(workdir):
+  """The results of a finished run in `workdir` (printed), or None."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  results = read_json(path, 'results.json of a finished run',
+                      'remove it (and export/) to evaluate the last checkpoint '
+                      'again')
+  try:
+    error = float(results['head_1_test_error'])
+  except (KeyError, TypeError, ValueError):
+    raise WorkdirError(
+        f'{path} has no head_1_test_error: it is not the results of a run; '
+        'remove it (and export/) to evaluate the last checkpoint again.'
+    ) from None
+  print(f'{workdir} already finished: head 1 test error {error:.2f}% '
+        '(nothing to do).', flush=True)
+  return results
+
+
+def _train_and_evaluate_locked(config, workdir, config_changes):
+  """train_and_evaluate past its checks, with the workdir lock held."""
+  is_main = jax.process_index() == 0
+  results_path = os.path.join(workdir, 'results.json')
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
@@ -1062,7 +1284,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     writer.close()
     return None
 
+  _check_trained(state, num_steps)
   final = evaluate(state)
+  bad = sorted(k for k, v in final.items() if not math.isfinite(v))
+  if bad:
+    writer.close()
+    raise NonFiniteError(
+        f'the final evaluation is not finite ({", ".join(bad[:3])}); no '
+        'results.json was written. Lower --config.learning_rate or check the '
+        'data.')
   writer.write(num_steps, final, 'eval')
   heads = model.num_heads
   results = {

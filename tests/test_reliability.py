@@ -5,6 +5,7 @@ Runs go through the real CLI (`python -m collab_jax.main`) in subprocesses
 where a process has to die or several have to join; the rest is in-process.
 """
 
+import errno
 import glob
 import gzip
 import json
@@ -215,6 +216,76 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
   _assert_trees_equal(_state(workdir, config), base_state)
 
 
+def test_sigint_during_compilation_exits_130_without_traceback(data_dir, tmp_path):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  # No compilation cache: compiling takes long enough to be interrupted.
+  env = {k: v for k, v in _env().items() if not k.startswith('JAX_COMPILATION')}
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
+  proc = _start([f'--config={cfg}', f'--workdir={workdir}'], tmp_path / 'log',
+                env=env)
+  # config.json is written just before the train step is compiled and
+  # run_info.json just after.
+  t0 = time.time()
+  while not (workdir / 'config.json').exists():
+    assert proc.poll() is None, open(tmp_path / 'log').read()
+    assert time.time() - t0 < 180
+    time.sleep(0.01)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  t_signal = time.time()
+  rc = proc.wait(60)
+  log = open(tmp_path / 'log').read()
+  assert rc == 130, log
+  assert not (workdir / 'run_info.json').exists(), 'compilation had finished'
+  assert 'Traceback' not in log and 'Fatal' not in log, log
+  assert log.strip().splitlines()[-1] == 'interrupted.', log
+  assert _train_records(workdir) == []
+  print(f'exited {time.time() - t_signal:.2f} s after SIGINT')
+  # The next start is not blocked by the interrupted one and trains.
+  out = _run([f'--config={cfg}', f'--workdir={workdir}',
+              '--config.halt_after_steps=2'])
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# 2b. One trainer per workdir.
+
+
+def test_second_trainer_on_a_busy_workdir_is_refused(data_dir, tmp_path):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir)
+  workdir = tmp_path / 'run'
+  args = [f'--config={cfg}', f'--workdir={workdir}']
+  procs = [_start(args, tmp_path / f'log{i}') for i in range(2)]
+  rcs = [p.wait(300) for p in procs]
+  logs = [open(tmp_path / f'log{i}').read() for i in range(2)]
+  assert sorted(rcs) == [0, 2], (rcs, logs)
+  winner, loser = (0, 1) if rcs[0] == 0 else (1, 0)
+  lines = [l for l in logs[loser].splitlines() if l.strip()]
+  assert len(lines) == 1, logs[loser]
+  assert lines[0].startswith(f'error: workdir {workdir} is in use by another '
+                             f'trainer (pid {procs[winner].pid} on host '
+                             f'{socket.gethostname()}'), lines[0]
+  assert [r['step'] for r in _train_records(workdir)] == list(range(1, STEPS + 1))
+  assert os.path.exists(workdir / 'results.json')
+
+
+def test_lock_is_held_for_the_run_and_released_after(data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  config = _config(data_dir, num_train_steps=2)
+  with train.workdir_lock(str(workdir)):
+    with pytest.raises(train.WorkdirError,
+                       match=f'in use by another trainer \\(pid {os.getpid()} '):
+      train.train_and_evaluate(config, str(workdir))
+  assert not os.path.exists(workdir / 'config.json')  # refused before any work
+  # A lock file left by a process that died (its flock went with it).
+  (workdir / 'trainer.lock').write_text('pid 999999 on host elsewhere')
+  assert train.train_and_evaluate(config, str(workdir))['steps'] == 2
+  with train.workdir_lock(str(workdir)):  # released when the run returned
+    pass
+
+
 # ----------------------------------------------------------------------------
 # 3. Corrupt checkpoints.
 
@@ -420,11 +491,11 @@ BAD_CONFIGS = [
     ({'label_noise': -0.1}, train.ConfigError,
      'config.label_noise: -0.1 must be a fraction in [0, 1)'),
     ({'temperature': 0.0}, train.ConfigError,
-     'config.temperature: 0.0 must be > 0'),
+     'config.temperature: temperature=0.0 must be > 0'),
     ({'learning_rate': -0.1}, train.ConfigError,
      'config.learning_rate: -0.1 must be positive and finite'),
     ({'learning_rate': math.inf}, train.ConfigError,
-     'config.learning_rate: inf must be positive and finite'),
+     'config.learning_rate: inf is not a finite number'),
     ({'weight_decay': -1e-4}, train.ConfigError,
      'config.weight_decay: -0.0001 must be >= 0'),
     ({'batch_size': 0}, train.ConfigError, 'config.batch_size: 0 must be positive'),
@@ -456,6 +527,39 @@ BAD_CONFIGS = [
      'config.checkpoint_every_steps: 0 must be >= 1'),
     ({'keep_checkpoints': 0}, train.ConfigError,
      'config.keep_checkpoints: 0 must be >= 1'),
+    # Numbers that are not finite or out of range, before any work.
+    ({'weight_decay': math.nan}, train.ConfigError,
+     'config.weight_decay: nan is not a finite number'),
+    ({'temperature': math.inf}, train.ConfigError,
+     'config.temperature: inf is not a finite number'),
+    ({'num_epochs': math.nan, 'num_train_steps': -1}, train.ConfigError,
+     'config.num_epochs: nan is not a finite number'),
+    ({'lr_decay_epochs': (1.0, math.inf)}, train.ConfigError,
+     'config.lr_decay_epochs: (1.0, inf) is not a finite number'),
+    ({'momentum': -0.5}, train.ConfigError,
+     'config.momentum: -0.5 must be in [0, 1)'),
+    ({'momentum': 1.0}, train.ConfigError, 'config.momentum: 1.0 must be in [0, 1)'),
+    ({'lr_scaling_batch': -256}, train.ConfigError,
+     'config.lr_scaling_batch: -256 must be >= 0'),
+    ({'learning_rate': 1e308, 'lr_scaling_batch': 1}, train.ConfigError,
+     'config.learning_rate: 1e+308 * batch_size / lr_scaling_batch = inf must '
+     'be positive and finite'),
+    ({'lr_decay_factor': -0.1}, train.ConfigError,
+     'config.lr_decay_factor: -0.1 must be > 0'),
+    ({'seed': 2**64}, train.ConfigError,
+     'config.seed: 18446744073709551616 must be an integer in [0, 2**63)'),
+    ({'noise_seed': -1}, train.ConfigError,
+     'config.noise_seed: -1 must be an integer in [0, 2**63)'),
+    ({'model.kwargs': {'width': 0}}, train.ConfigError,
+     'config.model.kwargs.width: 0 must be >= 1'),
+    ({'model.dtype': 'int32'}, train.ConfigError,
+     "config.model.dtype: 'int32' is not a floating-point dtype"),
+    ({'eval_batch_size': 0}, train.ConfigError,
+     'config.eval_batch_size: 0 must be positive'),
+    ({'label_smoothing': math.nan}, train.ConfigError,
+     'config.label_smoothing: nan is not a finite number'),
+    ({'label_smoothing': 1.0}, train.ConfigError,
+     'config.label_smoothing: label smoothing epsilon=1.0 must be in [0, 1)'),
     ({'train_subset': 1000}, input_pipeline.DatasetError,
      'train_subset=1000 but the training set has 96 examples'),
 ]
@@ -499,6 +603,97 @@ def test_bad_workdir_is_one_clear_line(data_dir, tmp_path):
     train.train_and_evaluate(_config(data_dir), str(tmp_path / 'run'))
 
 
+DAMAGED = [  # (what to damage, a regular expression of the one-line error)
+    ('results.json', 'garbage', r'results.json is not valid JSON \(results.json '
+     r'of a finished run\): remove it \(and export/\)'),
+    ('results.json', '{"steps": 4}', 'results.json has no head_1_test_error'),
+    ('results.json', 'dir', 'results.json is a directory, not a file'),
+    ('config.json', 'dir', 'config.json is a directory, not a file'),
+    ('config.json', '[1, 2]', 'config.json is not a config record'),
+    ('metrics.jsonl', 'dir', r"metrics.jsonl \(the run's metric log\) is not a "
+     'file: move it away'),
+    ('checkpoints', 'file', 'checkpoints is a file, not the checkpoint folder: '
+     'move it away'),
+]
+
+
+@pytest.mark.parametrize('name,damage,message', DAMAGED,
+                         ids=[f'{n}-{d[:7]}' for n, d, _ in DAMAGED])
+def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
+                                                damage, message):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  if name == 'config.json' and damage != 'dir':
+    pass
+  path = workdir / name
+  if damage == 'dir':
+    path.mkdir()
+  elif damage == 'file':
+    path.write_text('')
+  else:
+    path.write_text(damage)
+  with pytest.raises(train.WorkdirError, match=message) as e:
+    train.train_and_evaluate(_config(data_dir, num_train_steps=2), str(workdir))
+  assert '\n' not in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+def test_damaged_metric_lines_are_dropped_on_resume(data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  config = _config(data_dir, num_train_steps=4, halt_after_steps=2)
+  assert train.train_and_evaluate(config, str(workdir)) is None
+  with open(workdir / 'metrics.jsonl', 'ab') as f:
+    f.write(b'\xff\xfe{"step": 3, "kind": "tr')  # a damaged, cut-short line
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results['steps'] == 4
+  assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
+
+
+def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
+                                                     monkeypatch):
+  workdir = tmp_path / 'run'
+  config = _config(data_dir, num_train_steps=4, label_noise=0.0)
+  write = train.logging_utils.MetricWriter.write
+
+  def full_at_step_3(self, step, scalars, kind='train'):
+    if step == 3:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, step, scalars, kind)
+  monkeypatch.setattr(train.logging_utils.MetricWriter, 'write', full_at_step_3)
+  with pytest.raises(train.WorkdirError) as e:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(e.value)
+  assert message.startswith(f'no space left on the device of {workdir} '
+                            '(No space left on device): free some space'), message
+  assert '\n' not in message and not (workdir / 'results.json').exists()
+  monkeypatch.undo()
+  with train.workdir_lock(str(workdir)):  # released
+    pass
+  assert train.train_and_evaluate(config, str(workdir))['steps'] == 4
+  assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')
+@pytest.mark.parametrize('lr,message,skipped', [
+    # inf in float32: every update is skipped.
+    (1e39, 'all 3 updates were skipped.*no results.json', [1.0] * 3),
+    # Finite but huge parameters: kept, and the test loss overflows.
+    (1e30, r'the final evaluation is not finite \(head_1/loss.*no '
+     'results.json', None)])
+def test_run_that_trained_nothing_finite_writes_no_results(
+    data_dir, tmp_path, lr, message, skipped):
+  # Fewer steps than max_nonfinite_streak: the streak check never fires.
+  config = _config(data_dir, learning_rate=lr, label_noise=0.0,
+                   num_train_steps=3, log_every_steps=1, max_nonfinite_streak=10)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.NonFiniteError, match=message) as e:
+    train.train_and_evaluate(config, str(workdir))
+  assert '\n' not in str(e.value)
+  if skipped:
+    assert [r['nonfinite_skipped'] for r in _train_records(workdir)] == skipped
+  assert not (workdir / 'results.json').exists()
+  assert not (workdir / 'export').exists()
+
+
 def _bad_config_files(tmp_path, data_dir):
   (tmp_path / 'syntax.py').write_text('def get_config(:\n  pass\n')
   (tmp_path / 'raises.py').write_text(
@@ -523,13 +718,22 @@ CLI_CASES = [
     (['--config={tmp}/ok.py', W, 'extra'], 'unexpected arguments: extra'),
     (['--config={tmp}/ok.py'], 'flag --workdir=None'),
     (['--config={tmp}/ok.py', '--workdir='], '--workdir is empty'),
+    # Repeated overrides: the last one wins, never a merge (a merge would be
+    # ((1, 2), (1, 2)) and fail on the splits; the last is valid and the run
+    # fails on the next check).
+    (['--config={tmp}/ok.py', W, '--config.model.splits=((0, 4),)',
+      '--config.model.splits=((1, 2),)', '--config.eval_batch_size=12',
+      '--config.eval_batch_size=4'],
+     'config.eval_batch_size: 4 does not divide over 8 devices'),
+    (['--config={tmp}/ok.py', W, '--config.seed', '1', '--config.seed=2'],
+     '--config.seed is given 2 times; give it once, as --config.seed=VALUE'),
 ]
 
 
 @pytest.mark.parametrize('args,message', CLI_CASES,
                          ids=['missing', 'syntax', 'raises', 'none', 'type',
                               'literal', 'positional', 'no_workdir',
-                              'empty_workdir'])
+                              'empty_workdir', 'repeated', 'repeated_spaced'])
 def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
   _bad_config_files(tmp_path, data_dir)
   args = [a.format(tmp=tmp_path) for a in args]
