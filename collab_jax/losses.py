@@ -10,6 +10,10 @@ Notation as in the paper: `H` heads, logits `z_h`, `sigma(z; T) = softmax(z / T)
 * head loss   `L_h = beta * J_hard + (1 - beta) * T^2 * J_soft`
 * total       `L = sum_h mean_batch L_h` (weight decay is the optimizer's job)
 
+Semi-supervised (the paper's future work; `labeled` argument): an unlabelled
+example has no hard loss and keeps only its consensus term, weighted by
+`unlabeled_weight` instead of `1 - beta`; see `collaborative_head_losses`.
+
 All reductions run in float32 whatever the logits' dtype, and every
 cross-entropy is written with `log_softmax` (never `log(softmax)`), so bfloat16
 logits and saturated heads stay finite.
@@ -156,8 +160,27 @@ def consensus_targets(logits, temperature, *, stop_gradient=True):
 
 def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
                               label_smoothing=0.0, mask=None,
-                              consensus_gradient=False):
+                              consensus_gradient=False, labeled=None,
+                              unlabeled_weight=1.0):
   """Per-head terms of the collaborative loss, each averaged over the batch.
+
+  Semi-supervised batches (`labeled` given): labelled examples get the full
+  `L_h`, unlabelled ones only the consensus term, weighted by
+  `unlabeled_weight` (`w`). Normalisation (as in Mean Teacher, Tarvainen &
+  Valpola 2017): the hard loss is averaged over the labelled examples, the
+  consensus term over all examples of the batch:
+
+      L_h = beta * mean_{i labelled} J_hard(y_i, z_hi)
+            + mean_{i in batch} c_i * T^2 * J_soft(q_hi, z_hi),
+      c_i = 1 - beta (labelled) or w (unlabelled),
+
+  so the hard loss keeps the scale of supervised training whatever the
+  labelled share of the batch. With every example labelled this is the
+  paper's `L_h`, and the result equals that of `labeled=None` bit for bit.
+  Everything is mask arithmetic (no boolean indexing), so it runs under `jit`
+  with a traced `labeled` and `unlabeled_weight` (e.g. a ramp-up). A batch
+  without labelled examples has a zero hard loss. With `H = 1` there is no
+  consensus, so unlabelled examples contribute nothing.
 
   Args:
     logits: `[H, B, C]`, heads first.
@@ -168,10 +191,15 @@ def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
     mask: optional `[B]` weights (1 = real example, 0 = padding); batch means
       are taken over the weighted examples.
     consensus_gradient: let gradients flow through the soft labels.
+    labeled: optional `[B]` bool or 0/1 float, 1 = labelled; None = all
+      labelled. The labels of unlabelled examples are ignored (e.g. -1).
+    unlabeled_weight: `w`, the weight of the consensus term `T^2 * J_soft` of
+      unlabelled examples (labelled ones weigh it by `1 - beta`).
 
   Returns:
-    dict of `[H]` float32 arrays: `hard` (J_hard), `soft` (T^2 * J_soft, zero
-    when H = 1) and `total` (L_h).
+    dict of `[H]` float32 arrays: `hard` (J_hard, over the labelled
+    examples), `soft` (T^2 * J_soft over all examples, zero when H = 1) and
+    `total` (L_h).
   """
   _check_logits(logits)
   _check_hyper(beta, temperature)
@@ -183,8 +211,20 @@ def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
   if label_smoothing:
     targets = smooth_labels(targets, label_smoothing)
   weights = _batch_weights(mask, batch)
+  if labeled is None:
+    hard_weights = weights
+  else:
+    labeled = jnp.asarray(labeled, jnp.float32)
+    if labeled.shape != (batch,):
+      raise ValueError(
+          f'labeled must be [batch] = ({batch},), got shape {labeled.shape}.')
+    # The mean over the labelled (and real) examples; when all are labelled
+    # these are exactly `weights` (same operations on the same values).
+    hard_weights = _batch_weights(
+        labeled if mask is None else jnp.asarray(mask, jnp.float32) * labeled,
+        batch)
 
-  hard = _soft_cross_entropy(targets[None], logits) @ weights   # [H]
+  hard = _soft_cross_entropy(targets[None], logits) @ hard_weights   # [H]
   if num_heads == 1:
     soft = jnp.zeros_like(hard)
     total = hard  # no consensus: plain cross-entropy, whatever beta is
@@ -193,11 +233,19 @@ def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
                           stop_gradient=not consensus_gradient)
     soft_ce = _soft_cross_entropy(q, logits.astype(jnp.float32) / temperature)
     soft = temperature**2 * (soft_ce @ weights)
-    total = beta * hard + (1.0 - beta) * soft
+    if labeled is None:
+      total = beta * hard + (1.0 - beta) * soft
+    else:
+      # The unlabelled examples' share of the batch mean `soft`; it is
+      # exactly 0 when every example is labelled, so `total` is unchanged.
+      soft_unl = temperature**2 * ((soft_ce * (1.0 - labeled)) @ weights)
+      total = (beta * hard + (1.0 - beta) * (soft - soft_unl)
+               + unlabeled_weight * soft_unl)
   return {'hard': hard, 'soft': soft, 'total': total}
 
 
-def collaborative_loss(logits, labels, *, beta=0.5, temperature=2.0, **kwargs):
+def collaborative_loss(logits, labels, *, beta=0.5, temperature=2.0,
+                       labeled=None, unlabeled_weight=1.0, **kwargs):
   """The collaborative loss `L = sum_h mean_batch L_h` (paper eq. 4).
 
   Args:
@@ -205,6 +253,11 @@ def collaborative_loss(logits, labels, *, beta=0.5, temperature=2.0, **kwargs):
     labels: `[B]` integer class ids, or `[B, C]` one-hot / soft labels.
     beta: weight of the hard (label) loss, in (0, 1]; paper: 0.5.
     temperature: temperature `T > 0` of the soft (consensus) loss; paper: 2.
+    labeled: optional `[B]` mask, 1 = labelled (None: all labelled). Unlabelled
+      examples get only the consensus term, times `unlabeled_weight`; the hard
+      loss is averaged over the labelled examples, the consensus term over all
+      (see `collaborative_head_losses`).
+    unlabeled_weight: weight of the unlabelled examples' consensus term.
     **kwargs: `label_smoothing`, `mask`, `consensus_gradient`, as in
       `collaborative_head_losses`.
 
@@ -212,7 +265,8 @@ def collaborative_loss(logits, labels, *, beta=0.5, temperature=2.0, **kwargs):
     A float32 scalar. With `H = 1` it is the plain cross-entropy.
   """
   return jnp.sum(collaborative_head_losses(
-      logits, labels, beta=beta, temperature=temperature, **kwargs)['total'])
+      logits, labels, beta=beta, temperature=temperature, labeled=labeled,
+      unlabeled_weight=unlabeled_weight, **kwargs)['total'])
 
 
 def distillation_loss(student_logits, teacher_logits, labels, *, beta=0.5,

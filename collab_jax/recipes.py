@@ -45,6 +45,14 @@ def base_config():
   c.label_noise = 0.0              # fraction of training labels corrupted (paper Sec. 3.4)
   c.noise_seed = 0                 # chooses the corrupted set (same for all runs)
   c.label_noise_draws = 'per_run'  # per_run: noisy labels from (noise_seed, seed, epoch); shared: (noise_seed, epoch), as the first study
+  # Semi-supervised (paper's future work; input_pipeline.LabeledSplit, collab_jax/semisup.py).
+  c.labeled_per_class = 0          # >0: keep labels of this many examples per class, the rest unlabelled; 0 = all labelled
+  #                                  the labelled set is balanced_subset(..., seed=subset_seed): fixed for all runs, and the
+  #                                  same set that train_subset=labeled_per_class * classes trains on (the supervised baseline)
+  c.labeled_fraction_per_batch = 0.5  # share of labelled examples in every batch (labelled first); each part has its own epochs
+  c.unlabeled_weight = 1.0         # weight w of T^2 * CE(q_h, sigma(z_h; T)) on unlabelled examples (labelled: 1 - beta)
+  c.unlabeled_rampup = 'sigmoid'   # sigmoid: w * exp(-5 (1 - t)^2) (Laine & Aila 2017) | linear: w * t; t = step / ramp steps
+  c.unlabeled_rampup_epochs = 0.0  # length of the ramp-up in epochs of the whole training set; 0 = w from step 0
   c.image_size = 224               # streamed ImageNet crop size
   c.augment = True                 # random crop (pad, crop) + flip, on the device
   c.augment_pad = 4
@@ -59,7 +67,7 @@ def base_config():
   c.model.dtype = 'float32'        # computation dtype; 'bfloat16' for mixed precision
   c.model.remat = False            # rematerialise every stage (HeadTree.remat): less memory, more compute
   # Method and loss.
-  c.method = 'collaborative'       # collaborative|label_smoothing|distillation|alternating
+  c.method = 'collaborative'       # collaborative|label_smoothing|distillation|alternating|mean_teacher
   c.beta = 0.5                     # weight of the hard loss (paper: 0.5)
   c.temperature = 2.0              # soft-loss temperature T (paper: 2)
   c.label_smoothing = 0.0          # epsilon of method label_smoothing
@@ -67,6 +75,12 @@ def base_config():
   c.distill = ml_collections.ConfigDict()
   c.distill.num_teachers = 2       # phase 1: this many single networks, each its own run and seed
   c.distill.teacher_workdirs = ()  # finished runs to distil from instead; () = <workdir>/teachers/teacher_<k>
+  # mean_teacher (Tarvainen & Valpola 2017), the semi-supervised baseline: one network (splits ()) whose
+  # consensus target is its own EMA teacher's softmax(z_t / T), on every example; same beta, T, weights
+  # and ramp-up as collaborative. The teacher runs in train mode on its own augmentation of the batch;
+  # head 1 (the student) is what is evaluated and exported.
+  c.mean_teacher = ml_collections.ConfigDict()
+  c.mean_teacher.decay = 0.99      # EMA decay of the teacher's parameters (after a 1/(t+2) warm-up)
   # Optimisation.
   c.optimizer = 'sgd'
   c.learning_rate = 0.1
@@ -185,3 +199,48 @@ def fashion_mnist_study(graph):
   c.checkpoint_every_steps = 140
   c.label_smoothing = 0.05
   return _apply_graph(c, graph)
+
+
+SEMISUP_ROWS = ('supervised_single', 'supervised_h4_hierarchical',
+                'semisup_h2_instances', 'semisup_h4_hierarchical',
+                'mean_teacher')
+
+
+def fashion_mnist_semisup(row):
+  """Semi-supervised Fashion-MNIST (issue #17): 100 labels per class, 59k unlabelled.
+
+  The study's recipe (`fashion_mnist_study`: ResNet-8 width 16, no
+  augmentation, batch 128, 700 steps, cosine lr 0.1) with 1,000 labelled
+  images (100 per class, the subset `train_subset=1000, subset_seed=0` trains
+  on) and the other 59,000 training images unlabelled. Rows:
+
+  * `supervised_single`, `supervised_h4_hierarchical`: the labelled 1,000
+    alone. They are exactly the study's `single` and `h4_hierarchical`
+    configs, so the sweep reuses those runs (fmnist_table1).
+  * `semisup_h2_instances`, `semisup_h4_hierarchical`: collaborative
+    learning; every batch holds 64 labelled and 64 unlabelled images, the
+    unlabelled ones learn from the consensus term only, with weight 1 after
+    a sigmoid ramp-up over the first 280 of the 700 steps.
+  * `mean_teacher`: the baseline, one ResNet-8 with the same batches, loss
+    form, weights and ramp-up, its target the EMA teacher (decay 0.99).
+
+  Same steps and global batch in every row.
+  """
+  if row not in SEMISUP_ROWS:
+    raise ValueError(f'unknown row {row!r}; choose one of {", ".join(SEMISUP_ROWS)}.')
+  if row.startswith('supervised_'):
+    return fashion_mnist_study(row[len('supervised_'):])
+  graph = {'semisup_h2_instances': 'h2_instances',
+           'semisup_h4_hierarchical': 'h4_hierarchical',
+           'mean_teacher': 'single'}[row]
+  c = fashion_mnist_study(graph)
+  if row == 'mean_teacher':
+    c.method = 'mean_teacher'
+  c.train_subset = 0
+  c.labeled_per_class = 100
+  c.labeled_fraction_per_batch = 0.5
+  c.num_train_steps = 700          # the supervised rows' 100 epochs of 7 steps
+  c.unlabeled_weight = 1.0
+  c.unlabeled_rampup = 'sigmoid'
+  c.unlabeled_rampup_epochs = 280 / 468  # 280 steps (one epoch = 60000 // 128 steps)
+  return c

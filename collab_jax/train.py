@@ -41,8 +41,10 @@ from collab_jax import input_pipeline
 from collab_jax import logging_utils
 from collab_jax import losses
 from collab_jax import models
+from collab_jax import semisup
 
-METHODS = ('collaborative', 'label_smoothing', 'distillation', 'alternating')
+METHODS = ('collaborative', 'label_smoothing', 'distillation', 'alternating',
+           'mean_teacher')
 STREAMING_DATASETS = ('imagenet2012',)
 # Keys that may change between a run and its resumption without changing what
 # is computed (logging, checkpoint cadence, where data lives, when to stop).
@@ -118,9 +120,12 @@ def create_optimizer(config, lr_fn):
   """
   if config.optimizer != 'sgd':
     raise ConfigError(f"optimizer={config.optimizer!r}: only 'sgd' is supported.")
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
       optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
+  if config.method == 'mean_teacher':  # the teacher rides in the optimizer state
+    tx = optax.chain(tx, semisup.ema_teacher(config.mean_teacher.decay))
+  return tx
 
 
 @flax.struct.dataclass
@@ -169,11 +174,14 @@ def _pair(total, count):
   return jnp.stack([jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)])
 
 
-def _head_metrics(logits, labels, parts, loss):
-  """Train metrics as (sum, count) pairs; head 1 is index 0."""
+def _head_metrics(logits, labels, parts, loss, labeled=None):
+  """Train metrics as (sum, count) pairs; head 1 is index 0; errors on labelled examples."""
   metrics = {'loss': _pair(loss, 1)}
-  errors = jnp.sum(jnp.argmax(logits, -1) != labels[None], axis=1)
-  batch = labels.shape[0]
+  wrong = jnp.argmax(logits, -1) != labels[None]
+  if labeled is None:
+    errors, batch = jnp.sum(wrong, axis=1), labels.shape[0]
+  else:
+    errors, batch = jnp.sum(wrong * labeled[None], axis=1), jnp.sum(labeled)
   for h in range(logits.shape[0]):
     metrics[f'head_{h + 1}/hard'] = _pair(parts['hard'][h], 1)
     metrics[f'head_{h + 1}/soft'] = _pair(parts['soft'][h], 1)
@@ -181,9 +189,22 @@ def _head_metrics(logits, labels, parts, loss):
   return metrics
 
 
-def _loss_terms(logits, labels, config, teacher_logits=None):
-  """The method's per-head loss terms `{'hard', 'soft', 'total'}` ([H] each)."""
+def _loss_terms(logits, labels, config, teacher_logits=None, labeled=None,
+                unlabeled_weight=1.0):
+  """The method's per-head loss terms `{'hard', 'soft', 'total'}` ([H] each).
+
+  `labeled` ([B] mask, None = all labelled) and `unlabeled_weight`: the
+  semi-supervised loss of `losses.collaborative_head_losses`.
+  """
   smoothing = config.label_smoothing if config.method == 'label_smoothing' else 0.0
+  semi = dict(labeled=labeled, unlabeled_weight=unlabeled_weight)
+  if config.method == 'mean_teacher':
+    # The student's collaborative loss with the teacher as the only other
+    # head: its consensus target is the teacher's softmax(z_t / T).
+    pair = jnp.stack([logits[0], jax.lax.stop_gradient(teacher_logits)])
+    parts = losses.collaborative_head_losses(
+        pair, labels, beta=config.beta, temperature=config.temperature, **semi)
+    return {k: v[:1] for k, v in parts.items()}
   if config.method == 'distillation':
     hard = losses.cross_entropy(logits[0], labels)
     total = losses.distillation_loss(logits[0], teacher_logits, labels,
@@ -193,7 +214,8 @@ def _loss_terms(logits, labels, config, teacher_logits=None):
     return {'hard': hard[None], 'soft': soft[None], 'total': total[None]}
   return losses.collaborative_head_losses(
       logits, labels, beta=config.beta, temperature=config.temperature,
-      label_smoothing=smoothing, consensus_gradient=config.consensus_gradient)
+      label_smoothing=smoothing, consensus_gradient=config.consensus_gradient,
+      **semi)
 
 
 def _all_finite(*trees):
@@ -223,7 +245,7 @@ def _guarded_update(state, new_state, loss, grads):
 
 
 def train_step(state, batch, teacher_vars=None, *, model, tx, config,
-               data_stats, teacher_apply=None):
+               data_stats, teacher_apply=None, unlabeled_weight_fn=None):
   """One simultaneous optimizer step on all parameters (paper Sec. 3.2).
 
   Args:
@@ -235,6 +257,9 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
     config: the run config (static).
     data_stats: {'mean', 'std'} of the training images.
     teacher_apply: `teacher_apply(teacher_vars, images) -> [N, B, C]`.
+    unlabeled_weight_fn: step -> weight of the unlabelled examples' consensus
+      term (semi-supervised batches carry a `labeled` mask); default: constant
+      `config.unlabeled_weight`.
 
   Returns:
     The new state and a dict of (sum, count) metric pairs.
@@ -247,12 +272,22 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
   if teacher_apply is not None:
     teacher_logits = jnp.mean(teacher_apply(teacher_vars, images), axis=0)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  labeled = batch.get('labeled')
+  weight = (unlabeled_weight_fn(state.step) if unlabeled_weight_fn
+            else config.get('unlabeled_weight', 1.0))
+  if config.method == 'mean_teacher':  # train mode, its own augmentation
+    teacher_images = preprocess(jax.random.fold_in(rng, 1), batch['image'],
+                                config, data_stats, train=True)
+    teacher_logits = jax.lax.stop_gradient(model.apply(
+        {'params': semisup.teacher_params(state.opt_state),
+         'batch_stats': state.batch_stats}, teacher_images, train=True,
+        mutable=['batch_stats'])[0][0])
 
   def loss_fn(params):
     logits, new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'])
-    parts = _loss_terms(logits, labels, config, teacher_logits)
+    parts = _loss_terms(logits, labels, config, teacher_logits, labeled, weight)
     loss = jnp.sum(parts['total']) * heads_lib.loss_scale(model.rescale, heads)
     return loss, (logits, parts, new_vars['batch_stats'])
 
@@ -263,8 +298,10 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
   new_state, skipped = _guarded_update(
       state, state.replace(params=params, batch_stats=batch_stats,
                            opt_state=opt_state), loss, grads)
-  metrics = _head_metrics(logits, labels, parts, loss)
+  metrics = _head_metrics(logits, labels, parts, loss, labeled)
   metrics['nonfinite_skipped'] = _pair(skipped, 1)
+  if labeled is not None or config.method == 'mean_teacher':
+    metrics['unlabeled_weight'] = _pair(weight, 1)
   return new_state, metrics
 
 
@@ -548,6 +585,13 @@ def validate_config(config):
       bad('beta', 'distillation needs beta < 1 (beta = 1 ignores the teacher).')
   if config.method in ('collaborative',) and heads == 1 and config.label_smoothing:
     pass  # plain smoothed single model is allowed
+  try:
+    semisup.check_config(config, heads)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.labeled_per_class and config.dataset in STREAMING_DATASETS:
+    bad('labeled_per_class', f'not supported for streamed {config.dataset}; '
+        'use an in-memory dataset.')
   n_dev = jax.device_count()
   if config.batch_size % n_dev:
     bad('batch_size', f'{config.batch_size} does not divide over {n_dev} '
@@ -716,14 +760,28 @@ def create_data_source(config, start_step):
       ds.num_train, ds.num_classes, config.label_noise, config.noise_seed,
       run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
   per_epoch = input_pipeline.steps_per_epoch(ds.num_train, config.batch_size)
+  split = None
+  if config.get('labeled_per_class', 0):  # semi-supervised: see LabeledSplit
+    split = input_pipeline.LabeledSplit(
+        ds.train_labels, config.labeled_per_class, ds.num_classes,
+        seed=config.subset_seed, global_batch=config.batch_size,
+        labeled_fraction=config.labeled_fraction_per_batch)
 
   def train_batch(step):
-    idx = input_pipeline.train_indices(step, num_examples=ds.num_train,
-                                       global_batch=config.batch_size,
-                                       seed=config.seed)
+    if split is None:
+      idx = input_pipeline.train_indices(step, num_examples=ds.num_train,
+                                         global_batch=config.batch_size,
+                                         seed=config.seed)
+    else:
+      idx, labeled = split.indices(step, run_seed=config.seed)
+      labeled = input_pipeline.process_slice(labeled, p_idx, p_cnt)
     idx = input_pipeline.process_slice(idx, p_idx, p_cnt)
     labels = noise.labels(idx, ds.train_labels[idx], step // per_epoch)
-    return {'image': ds.train_images[idx], 'label': labels}
+    if split is None:
+      return {'image': ds.train_images[idx], 'label': labels}
+    return {'image': ds.train_images[idx],  # unlabelled examples: label -1
+            'label': np.where(labeled, labels, -1).astype(np.int32),
+            'labeled': labeled}
 
   def eval_batches():
     for b in input_pipeline.eval_batches(ds.test_images, ds.test_labels,
@@ -1173,6 +1231,9 @@ def _train_and_evaluate_locked(config, workdir, config_changes):
   if teacher_apply is not None:
     step_kwargs['teacher_apply'] = teacher_apply
     eval_kwargs['teacher_apply'] = teacher_apply
+  if step_impl is train_step:
+    step_kwargs['unlabeled_weight_fn'] = semisup.unlabeled_weight_fn(
+        config, steps_per_epoch)
   # On XLA:CPU keep the residual outputs' optimisation barriers through
   # fusion (models.layers.materialize; measured in experiments/results/bench.md).
   options = models.compiler_options(jax.devices()[0].platform) or None

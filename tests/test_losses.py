@@ -167,3 +167,97 @@ def test_head_losses_breakdown_sums_to_total():
   np.testing.assert_allclose(parts['total'], 0.3 * parts['hard'] + 0.7 * parts['soft'], rtol=1e-6)
   np.testing.assert_allclose(parts['total'].sum(), collab_jax.collaborative_loss(
       logits, labels, beta=0.3, temperature=3.0), rtol=1e-6)
+
+
+def np_semisup(logits, targets, labeled, beta, temperature, w):
+  """Semi-supervised L (losses.collaborative_head_losses) in float64 NumPy.
+
+  Hard loss: mean over the labelled examples; consensus term: mean over all,
+  weighted 1 - beta (labelled) or w (unlabelled). Returns loss and gradient.
+  """
+  heads, batch, _ = logits.shape
+  lab = labeled.astype(np.float64)
+  n_lab = max(lab.sum(), 1.0)
+  coef = np.where(lab > 0, 1 - beta, w)
+  loss, grad = 0.0, np.zeros_like(logits)
+  for h in range(heads):
+    p = _np_softmax(logits[h])
+    ce = -(targets * _np_log_softmax(logits[h])).sum(-1)
+    loss += beta * (lab * ce).sum() / n_lab
+    grad[h] = beta * lab[:, None] * (p - targets) / n_lab
+    others = (logits.sum(0) - logits[h]) / (heads - 1)
+    q = _np_softmax(others / temperature)
+    pt = _np_softmax(logits[h] / temperature)
+    soft = -(q * _np_log_softmax(logits[h] / temperature)).sum(-1)
+    loss += (coef * temperature**2 * soft).sum() / batch
+    grad[h] += coef[:, None] * temperature * (pt - q) / batch
+  return loss, grad
+
+
+@pytest.mark.parametrize('heads,beta,w', [(2, 0.5, 1.0), (3, 0.7, 0.3),
+                                          (4, 0.5, 2.0)])
+def test_semisupervised_loss_and_gradient_match_numpy(heads, beta, w):
+  rng = np.random.default_rng(heads)
+  logits = rng.normal(size=(heads, 8, 5)) * 3
+  labels = rng.integers(0, 5, size=8)
+  labeled = np.array([1, 0, 1, 1, 0, 0, 1, 0], bool)
+  batch_labels = np.where(labeled, labels, -1)  # unlabelled: no label
+  want_loss, want_grad = np_semisup(logits, np.eye(5)[labels] * labeled[:, None],
+                                    labeled, beta, 2.0, w)
+  fn = jax.jit(lambda z, l, w_: collab_jax.collaborative_loss(
+      z, batch_labels, beta=beta, temperature=2.0, labeled=l,
+      unlabeled_weight=w_))
+  loss, grad = jax.value_and_grad(fn)(jnp.asarray(logits, jnp.float32),
+                                      labeled, w)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('heads,batch', [(1, 7), (2, 3), (4, 128), (3, 100)])
+def test_all_labeled_equals_supervised_loss_exactly(heads, batch):
+  rng = np.random.default_rng(batch)
+  logits = jnp.asarray(rng.normal(size=(heads, batch, 10)) * 2, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, batch))
+  mask = jnp.asarray(np.arange(batch) < max(batch - 2, 1), jnp.float32)
+  def parts(labeled, mask, w):
+    return losses.collaborative_head_losses(
+        logits, labels, beta=0.5, temperature=2.0, labeled=labeled, mask=mask,
+        unlabeled_weight=w)
+  # Like for like: eager against eager, jit against jit (XLA fuses a jitted
+  # loss differently from op-by-op execution, for the old loss too).
+  for m in (None, mask):
+    for fn in (parts, jax.jit(parts)):
+      want = fn(None, m, 1.0)
+      for labeled in (np.ones(batch, bool), np.ones(batch, np.float32)):
+        got = fn(labeled, m, 0.7)
+        for k in ('hard', 'soft', 'total'):
+          np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for fn in (collab_jax.collaborative_loss, jax.jit(collab_jax.collaborative_loss)):
+      np.testing.assert_array_equal(
+          fn(logits, labels, labeled=jnp.ones(batch), mask=m),
+          fn(logits, labels, mask=m))
+
+
+def test_unlabeled_examples_only_feel_the_consensus():
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+  labeled = jnp.array([1.0, 1.0, 0.0, 0.0])
+  loss = lambda z, y: collab_jax.collaborative_loss(z, y, labeled=labeled)
+  # The labels of unlabelled examples do not matter.
+  a = loss(logits, jnp.array([0, 1, 2, 2]))
+  b = loss(logits, jnp.array([0, 1, -1, 0]))
+  np.testing.assert_array_equal(a, b)
+  # Without any labelled example only the weighted consensus is left.
+  none = losses.collaborative_head_losses(logits, jnp.array([-1] * 4),
+                                          labeled=jnp.zeros(4),
+                                          unlabeled_weight=0.25)
+  np.testing.assert_array_equal(none['hard'], 0.0)
+  np.testing.assert_allclose(none['total'], 0.25 * none['soft'], rtol=1e-6)
+  # A single head has no consensus: unlabelled examples add nothing.
+  one = collab_jax.collaborative_loss(logits[:1], jnp.array([0, 1, -1, -1]),
+                                      labeled=labeled)
+  np.testing.assert_allclose(one, collab_jax.cross_entropy(logits[0, :2],
+                                                           jnp.array([0, 1])),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='labeled must be'):
+    collab_jax.collaborative_loss(logits, jnp.zeros(4, int), labeled=jnp.ones(3))
