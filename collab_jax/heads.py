@@ -270,8 +270,11 @@ def export_head(variables, splits, head: int = 0):
     merged = dict(tree.get('trunk', {}))
     for level in range(1, len(splits) + 1):
       prefix = path[:level]
-      merged.update(jax.tree.map(lambda a, p=prefix: a[p], tree[f'level_{level}']))
-    out[collection] = merged
+      # A level may hold nothing of a collection (e.g. no BatchNorm there).
+      merged.update(jax.tree.map(lambda a, p=prefix: a[p],
+                                 tree.get(f'level_{level}', {})))
+    if merged:  # a network without BatchNorm has no `batch_stats` at all
+      out[collection] = merged
   return out
 
 

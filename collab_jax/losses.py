@@ -307,3 +307,47 @@ def cross_entropy(logits, labels, *, label_smoothing=0.0,
   """Batch-mean cross-entropy of `[B, C]` logits (optionally smoothed)."""
   return collaborative_loss(logits[None], labels, beta=1.0,
                             label_smoothing=label_smoothing, mask=mask)
+
+
+def collaborative_regression_loss(preds, targets, *, beta=0.5, mask=None):
+  """Collaborative learning for regression (the paper's future work, Sec. 5).
+
+  The classification loss with squared error in place of cross-entropy and
+  the other heads' mean prediction in place of their softened consensus:
+
+    `L_h = beta * |p_h - y|^2 + (1 - beta) * |p_h - sg(mean_{j != h} p_j)|^2`
+
+  with `sg` the stop-gradient (the consensus is a target, as `q_h` is) and
+  `|.|^2` summed over output dimensions. No temperature: a prediction has no
+  softmax to soften. Total: `sum_h mean_batch L_h`; with `H = 1` it is the
+  plain squared error, whatever `beta` is.
+
+  Args:
+    preds: `[H, B]` or `[H, B, D]` predictions of the `H` heads (heads first).
+    targets: `[B]` or `[B, D]`, matching `preds[0]`.
+    beta: weight of the squared error to the target, in (0, 1].
+    mask: optional `[B]` example weights (1 = real example, 0 = padding).
+
+  Returns:
+    A float32 scalar.
+  """
+  _check_hyper(beta, 1.0)
+  if preds.ndim not in (2, 3):
+    raise ValueError(
+        f'preds must be [heads, batch] or [heads, batch, dims], got shape '
+        f'{preds.shape}; for a single network use preds[None].')
+  if tuple(targets.shape) != tuple(preds.shape[1:]):
+    raise ValueError(
+        f'targets have shape {targets.shape} but preds {preds.shape} need '
+        f'{preds.shape[1:]} (preds[0]\'s shape).')
+  p = preds.astype(jnp.float32)
+  if p.ndim == 2:
+    p, targets = p[..., None], targets[..., None]
+  num_heads, batch = p.shape[:2]
+  weights = _batch_weights(mask, batch)
+  hard = jnp.sum((p - targets.astype(jnp.float32)[None])**2, axis=-1) @ weights
+  if num_heads == 1:
+    return jnp.sum(hard)
+  others = (jnp.sum(p, axis=0, keepdims=True) - p) / (num_heads - 1)
+  soft = jnp.sum((p - jax.lax.stop_gradient(others))**2, axis=-1) @ weights
+  return jnp.sum(beta * hard + (1.0 - beta) * soft)

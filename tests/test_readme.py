@@ -17,12 +17,12 @@ def _snippets():
 
 
 def test_snippets_present():
-  assert set(_snippets()) == {'plain-jax', 'head-tree'}
+  assert set(_snippets()) == {'plain-jax', 'head-tree', 'nnx'}
 
 
-@pytest.mark.parametrize('name', ['plain-jax', 'head-tree'])
+@pytest.mark.parametrize('name', ['plain-jax', 'head-tree', 'nnx'])
 def test_snippet_runs(name):
   namespace = {}
   exec(compile(_snippets()[name], f'README:{name}', 'exec'), namespace)  # pylint: disable=exec-used
-  if name == 'plain-jax':
+  if name in ('plain-jax', 'nnx'):
     assert namespace['loss'] < 0.7 * namespace['first_loss']

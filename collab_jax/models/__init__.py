@@ -13,6 +13,7 @@ from collab_jax.models.cifar_resnet import cifar_resnet
 from collab_jax.models.densenet import densenet
 from collab_jax.models.imagenet_resnet import imagenet_resnet
 from collab_jax.models.layers import compiler_options
+from collab_jax.models.vit import vit
 
 NETWORKS = {
     **{f'cifar_resnet{d}': functools.partial(cifar_resnet, d)
@@ -20,14 +21,20 @@ NETWORKS = {
     'densenet40_12': functools.partial(densenet, 40, growth_rate=12),
     'resnet18_bottleneck': functools.partial(imagenet_resnet, (2, 2, 2, 2)),
     'resnet50': functools.partial(imagenet_resnet, (3, 4, 6, 3)),
+    # Fashion-MNIST ViT: 28x28 in 4x4 patches (49 tokens), 6 blocks in 3 stages.
+    'vit_tiny': functools.partial(vit, patch=4, hidden=64, depth=6, num_heads=4,
+                                  mlp_dim=256),
     # Tiny networks for tests: same code paths, a few thousand parameters.
     'tiny_resnet': functools.partial(cifar_resnet, 8, width=4),
     'tiny_densenet': functools.partial(densenet, 7, growth_rate=4),
     'tiny_resnet50': functools.partial(imagenet_resnet, (1, 1, 1, 1), width=4),
+    'tiny_vit': functools.partial(vit, patch=4, hidden=8, depth=3, num_heads=2,
+                                  mlp_dim=16),
 }
 
 # The paper's split points (Sec. 4): CIFAR networks split after block 1 and 2;
-# ResNet-50 after conv3_x and conv4_x.
+# ResNet-50 after conv3_x and conv4_x. The 3-stage ViTs reuse the CIFAR table
+# (split after block group 1, and after groups 1 and 2).
 _THREE_STAGE = {'single': (), 'h2_instances': ((0, 2),),
                 'h4_instances': ((0, 4),), 'h2_simple': ((1, 2),),
                 'h4_simple': ((1, 4),), 'h4_hierarchical': ((1, 2), (2, 2))}

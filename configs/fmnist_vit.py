@@ -1,0 +1,34 @@
+"""A small Vision Transformer on Fashion-MNIST (issue #17): single vs collaborative heads.
+
+`vit_tiny` (collab_jax/models/vit.py): 28x28 images in 4x4 patches (49
+tokens), width 64, 6 pre-LayerNorm blocks in 3 stages of 2, mean-pooled
+classifier, 0.30M parameters. The 3-stage split table of the CIFAR networks
+applies: the argument after ':' names the training graph (single,
+h2_instances, h4_instances, h2_simple, h4_simple, h4_hierarchical; default
+h4_hierarchical = splits after block groups 1 and 2).
+
+  python -m collab_jax.main --config=configs/fmnist_vit.py:single --workdir=runs/vit_single
+  python -m collab_jax.main --config=configs/fmnist_vit.py:h4_hierarchical --workdir=runs/vit_h4
+
+Recipe: the trainer's SGD (momentum 0.9, coupled L2 1e-4 on kernels), batch
+128, lr 0.1 with 1 warm-up epoch then cosine, 10 epochs of the 60k training
+images with the default pad-and-crop + flip augmentation; T = 2, beta = 0.5.
+Not tuned: ViTs are usually trained with AdamW, which the trainer does not
+offer. Expected runtime on 2 shared CPU cores: see experiments/README.md (ViT
+pilot); the single network runs at roughly 250-300 images/s there.
+"""
+
+import ml_collections
+
+from collab_jax import models
+from collab_jax import recipes
+
+
+def get_config(graph='h4_hierarchical'):
+  c = recipes.base_config()
+  c.model.name = 'vit_tiny'
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.model.splits = models.paper_splits(c.model.name, graph)
+  c.warmup_epochs = 1.0
+  c.num_epochs = 10.0
+  return c
