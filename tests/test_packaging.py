@@ -45,8 +45,8 @@ def test_wheel_with_core_dependencies_only(tmp_path):
   python = str(venv / 'bin' / 'python')
   subprocess.run([python, '-m', 'pip', 'install', '-q', str(wheel)], check=True)
   snippets = {k: v for k, v in test_readme._snippets().items()  # pylint: disable=protected-access
-              if k in ('plain-jax', 'head-tree')}
-  assert len(snippets) == 2
+              if k in ('plain-jax', 'head-tree', 'nnx')}
+  assert len(snippets) == 3
   # Run outside the repository, so that the installed wheel is imported.
   env = {k: v for k, v in os.environ.items() if not k.startswith('PYTHON')}
   env['JAX_PLATFORMS'] = 'cpu'
