@@ -557,9 +557,26 @@ def write_tables(sweep, root, out_dir=RESULTS, extra=()):
   return table
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with a mistake reported as one `error:` line (exit status 2)."""
+
+  def error(self, message):
+    self.exit(2, f'error: {message} (see --help)\n')
+
+
+def _at_least_one(text):
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+  return value
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _Parser(description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sweep', action='append', default=[],
                       help='sweep name (repeatable); see --list')
   parser.add_argument('--root', default=os.path.join(HERE, 'runs'),
@@ -568,18 +585,22 @@ def main(argv=None):
   parser.add_argument('--aggregate_only', action='store_true',
                       help='only rewrite the tables from finished runs')
   parser.add_argument('--list', action='store_true', help='list the sweeps')
-  parser.add_argument('--max_seeds', type=int, default=None,
+  parser.add_argument('--max_seeds', type=_at_least_one, default=None,
                       help='only run seeds below this (fill every cell first)')
   parser.add_argument('extra', nargs='*',
                       help='extra --config.KEY=VALUE overrides for every run')
   args = parser.parse_args(argv)
+  for extra in args.extra:
+    if not (extra.startswith('--config.') and '=' in extra):
+      parser.error(f'extra argument {extra!r} is not a --config.KEY=VALUE '
+                   'override (put overrides after --)')
   if args.list or not args.sweep:
     for s in SWEEPS.values():
       print(f'{s.name:28s} {len(run_dirs(s, args.root)):4d} runs  {s.title}')
     return
   for name in args.sweep:
     if name not in SWEEPS:
-      raise SystemExit(f'unknown sweep {name!r}; --list shows the sweeps.')
+      parser.error(f'unknown sweep {name!r}; --list shows the sweeps')
   for name in args.sweep:
     sweep = SWEEPS[name]
     t0 = time.time()

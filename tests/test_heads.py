@@ -215,3 +215,19 @@ def test_works_with_any_stage_list():
   variables = tree.init(jax.random.key(0), jnp.ones((2, 5)))
   assert tree.apply(variables, jnp.ones((2, 5))).shape == (3, 2, 3)
   assert variables['params']['level_1']['stage_1']['Dense_0']['kernel'].shape == (3, 8, 3)
+
+
+@pytest.mark.parametrize('built,given,match', [
+    (((1, 2), (2, 2)), ((1, 2),), r'1 split level\(s\) but the .batch_stats. '
+     r'variables have 2 \(level_1, level_2\)'),
+    (((1, 2),), (), '0 split level'),
+    (((1, 2), (2, 2)), ((1, 2), (2, 3)), r'level_2 variables are stacked as '
+     r'\(2, 2\), not over the branches \(2, 3\)'),
+    (((0, 4),), ((0, 2),), r'stacked as \(4,\), not over the branches \(2,\)'),
+])
+def test_export_checks_that_splits_match_the_variables(built, given, match):
+  stages = models.get_stages('tiny_resnet', 10)
+  variables = jax.eval_shape(lambda: _init(collab_jax.HeadTree(stages, built)))
+  with pytest.raises(ValueError, match=match):
+    collab_jax.export_head(variables, given, 0)
+  collab_jax.export_head(variables, built, 0)  # the right splits work

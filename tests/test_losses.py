@@ -261,3 +261,36 @@ def test_unlabeled_examples_only_feel_the_consensus():
                              rtol=1e-6)
   with pytest.raises(ValueError, match='labeled must be'):
     collab_jax.collaborative_loss(logits, jnp.zeros(4, int), labeled=jnp.ones(3))
+
+
+@pytest.mark.parametrize('labels,match', [
+    (jnp.array([0, 1, 3, 2]), r'label id 3 is outside \[0, 3\)'),
+    (np.array([0, -1, 2, 2]), r'label id -1 is outside \[0, 3\)'),
+    (jnp.array([[0.5, 0.5, 0.0]] * 3 + [[1.2, -0.2, 0.0]]), 'non-negative'),
+    (jnp.array([[0.5, 0.5, 0.0]] * 3 + [[0.5, 0.4, 0.0]]),
+     'sum to 1 per row; row 3 sums to 0.9'),
+    (jnp.array([[0.5, 0.5, 0.0]] * 3 + [[jnp.nan, 0.5, 0.5]]), 'finite'),
+])
+def test_concrete_labels_are_checked(labels, match):
+  logits = jnp.zeros((2, 4, 3))
+  with pytest.raises(ValueError, match=match):
+    collab_jax.collaborative_loss(logits, labels)
+  with pytest.raises(ValueError, match=match):
+    collab_jax.cross_entropy(logits[0], labels)
+
+
+def test_traced_labels_are_not_checked_and_out_of_range_ids_count_nothing():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 3)), jnp.float32)
+  loss = jax.jit(lambda l, y: collab_jax.collaborative_loss(l, y))
+  # Documented: under jit an id outside [0, C) is an all-zero one-hot row.
+  bad = loss(logits, jnp.array([0, 1, 2, 7]))
+  good_three = loss(logits[:, :3], jnp.array([0, 1, 2])) * 3 / 4
+  np.testing.assert_allclose(bad, good_three, rtol=1e-6)
+
+
+def test_valid_soft_labels_in_bfloat16_pass():
+  q = jax.nn.softmax(jnp.asarray(np.random.default_rng(1).normal(size=(4, 3))))
+  logits = jnp.zeros((2, 4, 3))
+  a = collab_jax.collaborative_loss(logits, q.astype(jnp.bfloat16))
+  b = collab_jax.collaborative_loss(logits, q)
+  np.testing.assert_allclose(a, b, rtol=1e-2)

@@ -181,3 +181,27 @@ def test_paired_comparison_against_the_baseline():
   assert sweep.paired(better, base)['verdict'] == 'worse'
   # Only common seeds are paired; one pair decides nothing.
   assert sweep.paired(base, better[:1] + [{'seed': 7, 'head_1': 1.0}])['verdict'] == 'n/a'
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+  cases = [
+      (['--sweep=fmnist_table1', '--max_seeds=-1'],
+       "error: argument --max_seeds: -1 must be >= 1 (see --help)"),
+      (['--sweep=fmnist_table1', '--max_seeds=two'],
+       "error: argument --max_seeds: 'two' is not an integer (see --help)"),
+      (['--sweep=fmnist_table1', '--bogus'],
+       'error: unrecognized arguments: --bogus (see --help)'),
+      (['--sweep=no_such_sweep'],
+       "error: unknown sweep 'no_such_sweep'; --list shows the sweeps (see --help)"),
+      (['--sweep=fmnist_table1', '--', 'learning_rate=0.4'],
+       "error: extra argument 'learning_rate=0.4' is not a --config.KEY=VALUE "
+       'override (put overrides after --) (see --help)'),
+  ]
+  for args, message in cases:
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'experiments', 'sweep.py'),
+         f'--root={tmp_path}/runs', f'--out={tmp_path}/results', *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2, (args, out.stderr)
+    assert out.stderr.splitlines() == [message], (args, out.stderr)
+    assert out.stdout == '' and not (tmp_path / 'runs').exists()
