@@ -8,6 +8,7 @@ Public API:
   HeadTree               a stage-list network with a tree of heads
   StageNetwork           the plain target network (what is deployed)
   export_head            head k of a trained tree -> StageNetwork variables
+  NnxHeadTree            the head tree for Flax NNX stages (same splits, same export)
 """
 
 from collab_jax.heads import export_head
@@ -23,6 +24,7 @@ from collab_jax.losses import cross_entropy
 from collab_jax.losses import distillation_loss
 from collab_jax.losses import smooth_labels
 from collab_jax.models import get_stages
+from collab_jax.nnx_heads import NnxHeadTree
 from collab_jax.rescale import backprop_rescale
 
 __version__ = '0.1.0'

@@ -1,5 +1,7 @@
 """Stage-list networks: parameter counts against the published ones."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,17 @@ def test_vit_training_step_runs_and_learns():
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+
+
+def test_vit_trains_in_the_trainer(tmp_path):
+  """The trainer runs, checkpoints and exports a network without BatchNorm."""
+  import testutil
+  from collab_jax import train
+  testutil.fake_fashion_mnist(str(tmp_path / 'data'), num_train=32, num_test=16,
+                              shape=(8, 8))
+  config = testutil.tiny_config(tmp_path / 'data', num_train_steps=2,
+                                log_every_steps=1, checkpoint_every_steps=2)
+  config.model.name = 'tiny_vit'
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['steps'] == 2 and len(results['head_test_errors']) == 2
+  assert os.path.isdir(tmp_path / 'run' / 'export' / 'head_1')

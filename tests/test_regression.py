@@ -57,3 +57,16 @@ def test_bad_shapes_name_the_problem():
     collab_jax.collaborative_regression_loss(jnp.zeros((2, 4)), jnp.zeros((5,)))
   with pytest.raises(ValueError, match='beta'):
     collab_jax.collaborative_regression_loss(jnp.zeros((2, 4)), jnp.zeros((4,)), beta=0.0)
+
+
+def test_diabetes_example_runs():
+  """experiments/regression_diabetes.py end to end, 1 seed, few steps."""
+  pytest.importorskip('sklearn')
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  try:
+    import regression_diabetes  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  results = regression_diabetes.main(['--seeds=1', '--steps=20'])
+  assert set(results) == {'single', 'h2', 'h4'}
+  assert all(np.isfinite(v[0]) and v[0] > 0 for v in results.values())
