@@ -44,16 +44,23 @@ def _is_concrete(x):
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_labels(labels, num_classes):
+def _check_labels(labels, num_classes, labeled=None):
   """Concrete labels only: ids in [0, C), soft labels that are distributions.
 
   Under `jit` (traced labels) nothing is checked: an id outside [0, C) becomes
   an all-zero one-hot row (`jax.nn.one_hot`), so that example adds nothing to
-  the hard loss, and soft labels are used as given.
+  the hard loss, and soft labels are used as given. With a `labeled` mask only
+  the labelled rows are checked (unlabelled ones may hold any placeholder,
+  e.g. -1), and nothing when the mask is traced.
   """
   if not _is_concrete(labels):
     return
   values = np.asarray(labels)
+  if labeled is not None:
+    keep = np.asarray(labeled).astype(bool) if _is_concrete(labeled) else None
+    if keep is None or keep.shape != values.shape[:1]:
+      return  # traced, or the wrong shape (reported by the caller)
+    values = values[keep]
   if values.size == 0:
     return
   if values.ndim == 1:
@@ -98,7 +105,7 @@ def _batch_weights(mask, batch):
   return mask / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def label_targets(labels, num_classes):
+def label_targets(labels, num_classes, labeled=None):
   """Integer ids `[B]` -> one-hot float32 `[B, C]`; `[B, C]` passes through.
 
   Concrete labels are checked (`_check_labels`): ids outside [0, C) and soft
@@ -111,14 +118,14 @@ def label_targets(labels, num_classes):
       raise ValueError(
           f'labels of shape {labels.shape} must be integer class ids, got '
           f'dtype {labels.dtype}; pass soft labels as [batch, classes].')
-    _check_labels(labels, num_classes)
+    _check_labels(labels, num_classes, labeled)
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if labels.ndim == 2:
     if labels.shape[-1] != num_classes:
       raise ValueError(
           f'labels have {labels.shape[-1]} classes but logits have '
           f'{num_classes}; they must agree.')
-    _check_labels(labels, num_classes)
+    _check_labels(labels, num_classes, labeled)
     return labels.astype(jnp.float32)
   raise ValueError(
       f'labels must be [batch] integer ids or [batch, classes], got shape '
@@ -204,7 +211,7 @@ def collaborative_head_losses(logits, labels, *, beta=0.5, temperature=2.0,
   _check_logits(logits)
   _check_hyper(beta, temperature)
   num_heads, batch, num_classes = logits.shape
-  targets = label_targets(labels, num_classes)
+  targets = label_targets(labels, num_classes, labeled)
   if targets.shape[0] != batch:
     raise ValueError(
         f'labels have batch size {targets.shape[0]} but logits have {batch}.')
