@@ -963,8 +963,9 @@ def _teacher_for(config, workdir, data):
           flush=True)
   model, variables = load_run_variables(teacher_dir, teacher_cfg,
                                         data.num_classes, data.image_shape)
-  with open(os.path.join(teacher_dir, 'results.json')) as f:
-    teacher_results = json.load(f)
+  teacher_results = read_json(os.path.join(teacher_dir, 'results.json'),
+                              'results of the teacher run',
+                              'remove it to evaluate the teachers again')
   apply = functools.partial(model.apply, train=False)
   print('distillation phase 2/2: training the student against the teachers\' '
         'mean logits', flush=True)
