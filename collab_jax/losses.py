@@ -258,6 +258,9 @@ def collaborative_loss(logits, labels, *, beta=0.5, temperature=2.0,
   Args:
     logits: `[H, B, C]` logits of the `H` heads (heads first).
     labels: `[B]` integer class ids, or `[B, C]` one-hot / soft labels.
+      Concrete labels are checked (ids in [0, C), soft rows non-negative and
+      summing to 1: ValueError otherwise); traced ones (inside `jit`) cannot
+      be, and an id outside [0, C) then adds nothing to the hard loss.
     beta: weight of the hard (label) loss, in (0, 1]; paper: 0.5.
     temperature: temperature `T > 0` of the soft (consensus) loss; paper: 2.
     labeled: optional `[B]` mask, 1 = labelled (None: all labelled). Unlabelled

@@ -17,9 +17,14 @@ import sys
 import threading
 
 
+_EXITING = threading.Lock()
+
+
 def _interrupted(signum=None, frame=None):
   """Ctrl-C outside the training loop: nothing to save, so end at once (130)."""
   del signum, frame
+  if not _EXITING.acquire(blocking=False):
+    return  # the other thread (handler or watcher) is ending the process
   try:
     sys.stdout.flush()
     print('interrupted.', file=sys.stderr, flush=True)

@@ -1079,8 +1079,9 @@ def _load_teachers(config, workdir, data):
           '(or call train.train_teachers).')
     model, v = load_run_variables(teacher_dir, teacher, data.num_classes,
                                   data.image_shape)
-    with open(os.path.join(teacher_dir, 'results.json')) as f:
-      results.append(json.load(f))
+    results.append(read_json(os.path.join(teacher_dir, 'results.json'),
+                             'results of the teacher run',
+                             'remove it to train that teacher again'))
     nets.append(model)
     variables.append(v)
 

@@ -231,8 +231,10 @@ def halted_run(data_dir, tmp_path_factory):
 
 
 def _snapshot(workdir):
+  """Every file's mtime, but the lock's (a run that starts records its pid)."""
   return {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
-          for dp, _, fs in os.walk(workdir) for f in fs}
+          for dp, _, fs in os.walk(workdir) for f in fs
+          if not f.startswith('trainer.lock')}
 
 
 @pytest.mark.parametrize('override,expected', [
@@ -240,7 +242,7 @@ def _snapshot(workdir):
     ('--config.model.splits=((1, 1),)', 'at least 2 branches'),
     ('--config.batch_size=12', 'does not divide over 8 devices'),
     ('--config.method=magic', "config.method: 'magic' is unknown"),
-    ('--config.beta=0.0', 'config.beta: 0.0 is outside (0, 1]'),
+    ('--config.beta=0.0', 'config.beta: beta=0.0 is outside (0, 1]'),
     ('--config.model.name=resnet9000', "'resnet9000' is unknown"),
     ('--config.data_dir=/nonexistent', 'Fashion-MNIST IDX files not found'),
     ('--config.num_train_steps=9', 'was made by a different config'),
