@@ -61,7 +61,7 @@ class EncoderBlock(nn.Module):
     y = _layer_norm(self.dtype, 'ln_mlp')(x)
     y = nn.gelu(_dense(self.mlp_dim, self.dtype, 'mlp_in')(y))
     y = _dense(x.shape[-1], self.dtype, 'mlp_out')(y)
-    return layers.materialize(x + y)
+    return layers.materialize(x + y)  # a stored residual, as in the ResNets
 
 
 class ViTStage(nn.Module):
