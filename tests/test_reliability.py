@@ -672,6 +672,25 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
   assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
 
 
+def test_full_disk_in_a_checkpoint_save_is_one_line(data_dir, tmp_path,
+                                                   monkeypatch):
+  """Orbax wraps the OSError of a failed write: the cause is still found."""
+  workdir = tmp_path / 'run'
+  target = str(workdir / 'checkpoints' / '2')
+
+  def save(self, step, *args, **kwargs):
+    try:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+    except OSError as e:
+      raise RuntimeError(f'save of step {step} failed') from e
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  with pytest.raises(train.WorkdirError,
+                     match=f'no space left on the device of {workdir} writing '
+                     f'{target} \\(No space left on device\\)') as e:
+    train.train_and_evaluate(_config(data_dir, num_train_steps=4), str(workdir))
+  assert '\n' not in str(e.value)
+
+
 @pytest.mark.filterwarnings('ignore:overflow encountered in cast')
 @pytest.mark.parametrize('lr,message,skipped', [
     # inf in float32: every update is skipped.
