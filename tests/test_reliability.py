@@ -635,6 +635,16 @@ def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
   assert '\n' not in str(e.value) and str(path) in str(e.value), str(e.value)
 
 
+def test_workdir_json_is_strict(tmp_path):
+  """config.json, run_info.json, results.json: never NaN or Infinity."""
+  path = tmp_path / 'config.json'
+  with pytest.raises(ValueError, match='not JSON compliant'):
+    train.logging_utils.write_json_atomic(str(path), {'lr': math.nan})
+  assert os.listdir(tmp_path) == []  # nothing, not even a temporary file
+  train.logging_utils.write_json_atomic(str(path), {'lr': 0.1})
+  assert json.loads(path.read_text()) == {'lr': 0.1}
+
+
 def test_damaged_metric_lines_are_dropped_on_resume(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   config = _config(data_dir, num_train_steps=4, halt_after_steps=2)
