@@ -623,8 +623,6 @@ def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
                                                 damage, message):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  if name == 'config.json' and damage != 'dir':
-    pass
   path = workdir / name
   if damage == 'dir':
     path.mkdir()
@@ -635,6 +633,16 @@ def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
   with pytest.raises(train.WorkdirError, match=message) as e:
     train.train_and_evaluate(_config(data_dir, num_train_steps=2), str(workdir))
   assert '\n' not in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+def test_workdir_json_is_strict(tmp_path):
+  """config.json, run_info.json, results.json: never NaN or Infinity."""
+  path = tmp_path / 'config.json'
+  with pytest.raises(ValueError, match='not JSON compliant'):
+    train.logging_utils.write_json_atomic(str(path), {'lr': math.nan})
+  assert os.listdir(tmp_path) == []  # nothing, not even a temporary file
+  train.logging_utils.write_json_atomic(str(path), {'lr': 0.1})
+  assert json.loads(path.read_text()) == {'lr': 0.1}
 
 
 def test_damaged_metric_lines_are_dropped_on_resume(data_dir, tmp_path):
@@ -670,6 +678,25 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
     pass
   assert train.train_and_evaluate(config, str(workdir))['steps'] == 4
   assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
+
+
+def test_full_disk_in_a_checkpoint_save_is_one_line(data_dir, tmp_path,
+                                                   monkeypatch):
+  """Orbax wraps the OSError of a failed write: the cause is still found."""
+  workdir = tmp_path / 'run'
+  target = str(workdir / 'checkpoints' / '2')
+
+  def save(self, step, *args, **kwargs):
+    try:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+    except OSError as e:
+      raise RuntimeError(f'save of step {step} failed') from e
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  with pytest.raises(train.WorkdirError,
+                     match=f'no space left on the device of {workdir} writing '
+                     f'{target} \\(No space left on device\\)') as e:
+    train.train_and_evaluate(_config(data_dir, num_train_steps=4), str(workdir))
+  assert '\n' not in str(e.value)
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered in cast')
