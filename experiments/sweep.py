@@ -158,8 +158,9 @@ _add(Sweep('fmnist_sensitivity_split', 'Sensitivity to the split point (2 heads)
 # computes (same batch, same network), so fmnist_table1's measured run times
 # apply: 2 instances about 340 s, 4-head tree about 260 s a run; Mean Teacher
 # adds the teacher's forward pass to a single network (165 s): about 220 s.
-# The 9 new runs: about 40 min. A pilot of the 4-head tree pinned to one core
-# on a machine shared with other jobs (load ~10) took 3.2 s a step.
+# The 9 new runs: about 40 min. Pilots (seed 0, each pinned to one core of a
+# machine shared with other jobs, load ~10, so slow): 4-head tree 2.9 s a step,
+# Mean Teacher 1.8 s a step; numbers in experiments/README.md (Still to run).
 SEMISUP = 'configs/fmnist_semisup.py'
 _add(Sweep('fmnist_semisup', 'Semi-supervised: 100 labels per class, 59k unlabelled images', (
     Row('supervised only, single network', f'{SEMISUP}:supervised_single'),
