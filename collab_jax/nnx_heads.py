@@ -14,8 +14,6 @@ takes the same branch path as in the linen tree (`heads.head_path`). Each
 split passes the shared activation through `backprop_rescale(x, 1 / b)`.
 """
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
