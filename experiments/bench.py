@@ -582,6 +582,68 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
   return rows, kept_out
 
 
+def profile_step(step, out_dir, steps=2, log=print):
+  """Traces `steps` steps (jax.profiler) and summarises XLA:CPU's threads.
+
+  Returns {'threads_busy_s': {k: seconds with k intra-op threads inside an
+  op}, 'ops': [[name, s/step, calls/step], ...]} from the trace's
+  `tf_XLAEigen` lines (op names without their numeric suffix, classified
+  forward/backward from the HLO metadata where the compiled text has it).
+  """
+  import collections
+  import glob
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  for _ in range(2):
+    step()
+    step.sync()
+  trace_dir = os.path.join(out_dir, 'trace')
+  jax.profiler.start_trace(trace_dir)
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+    step.sync()
+  wall = time.perf_counter() - start
+  jax.profiler.stop_trace()
+  direction = {}
+  for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"',
+                       step.compiled.as_text()):
+    direction[m.group(1)] = ('bwd' if 'transpose(' in m.group(2) else 'fwd')
+  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                          recursive=True))[-1]
+  plane = [p for p in _profile_data.ProfileData.from_file(path).planes
+           if p.name == '/host:CPU'][0]
+  wrappers = ('ThunkExecutor', 'SlinkyThreadPool', 'ThreadpoolListener',
+              'end:')
+  events, ops, calls = [], collections.Counter(), collections.Counter()
+  for t, line in enumerate(l for l in plane.lines if 'Eigen' in l.name):
+    for e in line.events:
+      if e.name.startswith(wrappers):
+        continue
+      events.append((e.start_ns, e.start_ns + e.duration_ns, t))
+      key = f'{e.name.split(".")[0]} ({direction.get(e.name, "?")})'
+      ops[key] += e.duration_ns / 1e9 / steps
+      calls[key] += 1 / steps
+  points = sorted([(a, 1, t) for a, _, t in events] +
+                  [(b, -1, t) for _, b, t in events])
+  active, busy = collections.Counter(), collections.Counter()
+  previous = points[0][0] if points else 0
+  for x, d, t in points:
+    busy[sum(1 for v in active.values() if v > 0)] += (x - previous) / 1e9
+    previous = x
+    active[t] += d
+  out = {'wall_s_per_step': wall / steps,
+         'threads_busy_s_per_step': {str(k): v / steps
+                                     for k, v in sorted(busy.items())},
+         'ops': [[k, v, round(calls[k])] for k, v in ops.most_common(15)]}
+  log(f'  profile: {1e3 * out["wall_s_per_step"]:.0f} ms/step; seconds per '
+      'step with k intra-op threads in an op: ' +
+      ', '.join(f'{k}: {v:.3f}' for k, v in
+                out['threads_busy_s_per_step'].items()))
+  for name, secs, n in out['ops'][:8]:
+    log(f'    {secs:7.3f} s/step {n:4d} calls  {name}')
+  return out
+
+
 def busy_process():
   """A competing CPU-bound process (one busy Python loop, not pinned)."""
   return subprocess.Popen([sys.executable, '-c', 'while True: pass'])
@@ -770,6 +832,16 @@ def write_markdown(out_dir, name, result):
       L.append(f'| {r["who"]} | {r["variant"]} | {1e3 * r["quiet_step_s"]:.0f} '
                f'| {1e3 * r["busy_step_s"]:.0f} | {r["slowdown"]:.2f} |')
     L.append('')
+  if result.get('profile'):
+    p = result['profile']
+    L += ['## Profile of the single step (jax.profiler)', '',
+          f'{1e3 * p["wall_s_per_step"]:.0f} ms/step traced. Seconds per step '
+          'with k XLA:CPU intra-op threads inside an op: ' +
+          ', '.join(f'{k}: {v:.3f}'
+                    for k, v in p['threads_busy_s_per_step'].items()) + '.',
+          '', '| op (fwd/bwd) | s/step | calls/step |', '|---|---|---|']
+    L += [f'| {name} | {secs:.3f} | {n} |' for name, secs, n in p['ops']]
+    L.append('')
   if result.get('skipped'):
     L += ['## Skipped (time budget)', ''] + [
         f'* {s}' for s in result['skipped']] + ['']
@@ -897,7 +969,7 @@ def _cpu_model():
 
 
 ALL_SECTIONS = ('graphs', 'torch', 'impl', 'pipeline', 'options', 'contention',
-                'resnet50', 'resnet50_224')
+                'profile', 'resnet50', 'resnet50_224')
 DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention'
 
 
@@ -939,7 +1011,7 @@ def parse_args(argv):
                  help='timed seconds per measurement (within min/max steps)')
   p.add_argument('--device_batch', type=int, default=64,
                  help='--device: ResNet-50 224x224 batch per graph')
-  p.add_argument('--device_budget_s', type=float, default=300,
+  p.add_argument('--device_budget_s', type=float, default=270,
                  help='--device: skip what would start after this many '
                  'seconds (the check must end within 6 minutes)')
   return p.parse_args(argv)
@@ -1021,7 +1093,7 @@ def main(argv=None):
 
   kept_steps = {}
   if sections & {'graphs', 'torch', 'pipeline', 'options', 'contention',
-                 'impl'}:
+                 'impl', 'profile'}:
     log('section graphs: CIFAR ResNet-32')
     keep = ('single', 'h4_hierarchical')
     rows, torch_rows, kept_steps = run_graphs(
@@ -1070,6 +1142,9 @@ def main(argv=None):
         torch=(dict(torch_kw, formats=('channels_last',),
                     threads=sorted({1, os.cpu_count() or 1}), **torch_timing)
                if torch_kw else None), log=log)
+  if 'profile' in sections:  # opt-in: the recommended single step, traced
+    log('section profile')
+    result['profile'] = profile_step(kept_steps['single'], args.out, log=log)
   del kept_steps, contention_steps
   if 'options' in sections:
     del kept_options
@@ -1108,7 +1183,8 @@ def main_device(args, argv, t0, log):
   """The accelerator check: ResNet-50 224x224 bfloat16 and CIFAR ResNet-32.
 
   Parts run in order of importance and are skipped (and listed) when they
-  would start after `--device_budget_s`, so the check ends in time.
+  would start after `--device_budget_s`, so the check ends in time (not
+  with --tiny, a smoke test of every part).
   """
   result = {'mode': 'device', 'environment': _environment(argv, None),
             'graphs': {}, 'skipped': []}
@@ -1120,7 +1196,6 @@ def main_device(args, argv, t0, log):
     r50 = functools.partial(imagenet_config, batch=4, size=32,
                             network='tiny_resnet50')
     cifar = functools.partial(cifar_config, batch=8, network='tiny_resnet')
-    reserve_s = 0  # a smoke test runs everything
   else:
     timing, rounds = dict(warmup=2, min_steps=5, max_steps=30, budget_s=1.5), 2
     r50 = functools.partial(imagenet_config, batch=args.device_batch, size=224)
@@ -1136,7 +1211,7 @@ def main_device(args, argv, t0, log):
   r50 = bf16(r50)
 
   def in_budget(part):
-    if time.time() - t0 + reserve_s <= args.device_budget_s:
+    if args.quick or time.time() - t0 + reserve_s <= args.device_budget_s:
       return True
     result['skipped'].append(part)
     log(f'  skipped {part}: out of time budget')
