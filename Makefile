@@ -11,7 +11,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 
-.PHONY: install run test bench data clean
+.PHONY: install run test bench bench-device data clean
 
 install: $(VENV)/.installed
 
@@ -45,9 +45,23 @@ run: install data
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
-	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) experiments/bench.py --out=experiments/results
+# The PyTorch peer runs in its own Python 3.11 venv (torch's CPU wheel exists
+# for 3.11 here; on newer Pythons pip would fetch a CUDA build of several GB);
+# bench.py calls it as a subprocess. About 15 minutes on 2 cores.
+TORCH_PYTHON_BASE ?= $(shell command -v python3.11 || echo $$(pyenv root 2>/dev/null)/versions/3.11*/bin/python3.11)
+TORCH_VENV := .venv-torch
+bench: install $(TORCH_VENV)/.installed
+	$(PY) experiments/bench.py --out=experiments/results --torch_python=$(TORCH_VENV)/bin/python
+
+$(TORCH_VENV)/.installed:
+	test -x $(TORCH_VENV)/bin/python || $(TORCH_PYTHON_BASE) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 numpy
+	touch $@
+
+# The accelerator check (under 6 minutes on one H100): writes
+# experiments/results/bench_<device>.md and .json.
+bench-device: install
+	$(PY) experiments/bench.py --device --out=experiments/results
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) runs .pytest_cache

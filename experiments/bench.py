@@ -1,37 +1,32 @@
-"""Training-step benchmark (issue #7): time, memory and FLOPs of every graph.
+"""Training-step benchmark: time, memory and FLOPs of every training graph.
 
-One process, one machine; everything timed after compilation, as medians over
-several steps. The step timed is the real `collab_jax.train.train_step`,
-jitted over a device mesh with the state donated, exactly as
-`train.train_and_evaluate` does. Sections:
+Times the real `collab_jax.train.train_step`, jitted over a device mesh with
+the state donated as `train.train_and_evaluate` does, and writes
+`<out>/bench.json` and `bench.md` rendered from it. What each section and
+option measures, and how to read the tables: experiments/README.md,
+"Benchmark".
 
-  graphs    step time, images/s, compiled FLOPs and memory of every training
-            graph of CIFAR ResNet-32 (batch 128, 32x32x3) and of a small
-            ImageNet-shaped ResNet-50 (real stages, small batch/resolution),
-            as ratios to the single model, beside the paper's Table 4.
-  impl      branches as one batched `vmap` computation vs the sequential loop.
-  torch     the PyTorch peer (experiments/torch_reference.py) on the same
-            CPU, timed between two rounds of ours (A-B-A).
-  pipeline  host batch assembly and on-device augmentation vs the step.
-  options   bfloat16 compute, rematerialisation, data parallel over CPU
-            devices, back-to-back steps without host syncs.
+  make bench            # CPU sections, about 15 minutes on 2 cores
+  python experiments/bench.py --quick --out=/tmp/bench          # smoke test
+  python experiments/bench.py --sections=resnet50_224           # opt-in
+  make bench-device     # on a GPU: experiments/results/bench_<device>.md
+  python experiments/bench.py --render=experiments/results/bench.json
 
-Command (about 12 minutes on 2 CPU cores; writes bench.md and bench.json):
-
-  .venv/bin/python experiments/bench.py --out=experiments/results
-
-`--quick` runs every section on the smallest settings in seconds (a smoke
-test, numbers meaningless). XLA flags go in the environment as usual
-(`XLA_FLAGS=... python experiments/bench.py`); the ones used are recorded.
+The PyTorch peer (experiments/torch_reference.py) runs as a subprocess in
+its own venv (`--torch_python`, default `.venv-torch/bin/python`).
 """
 
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -46,9 +41,9 @@ from collab_jax import models
 from collab_jax import recipes
 from collab_jax import train
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_reference  # noqa: E402  (imports no torch until used)
-
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TORCH_SCRIPT = os.path.join(HERE, 'torch_reference.py')
 GRAPHS = ('single', 'h2_instances', 'h4_instances', 'h2_simple',
           'h4_hierarchical')
 # Paper Table 4 (ImageNet ResNet-50, relative to one model): (time, memory).
@@ -104,17 +99,25 @@ def _synthetic_batch(config, image_shape, num_classes, dtype, seed=0):
 class Step:
   """`train.train_step` of `config`, compiled on `devices` with donation.
 
+  The jit below repeats the one in `train.train_and_evaluate` (shardings,
+  donation, `models.compiler_options`); train.py has no function that returns
+  it (see experiments/README.md, "Benchmark").
+
+  `compiler_options`: None for what this repository recommends
+  (`models.compiler_options(platform)`); `extra_options` are added to them.
   `like`: a Step with the same variables and optimizer whose (current) state
   is copied instead of initialising a new one (saves compiling `init`).
   """
 
   def __init__(self, config, devices=None, remat=False, compiler_options=None,
-               like=None):
+               extra_options=None, like=None):
     self.config = config
     devices = devices or jax.devices()[:1]
     if compiler_options is None:  # what this repository recommends
       compiler_options = models.compiler_options(devices[0].platform)
+    compiler_options = {**compiler_options, **(extra_options or {})}
     self.compiler_options = compiler_options
+    self.num_devices = len(devices)
     image_shape, num_classes, stats, dtype, per_epoch = _setting(config)
     model = train.create_model(config, num_classes)
     if remat:
@@ -145,6 +148,7 @@ class Step:
     self.compile_s = time.perf_counter() - start
     self.program = program_stats(self.compiled)
     self.metrics = None
+    self.cpu_s = self.timed_steps = 0  # process CPU time of the timed steps
 
   def __call__(self):
     self.state, self.metrics = self.compiled(self.state, self.batch, {})
@@ -159,14 +163,20 @@ class Step:
       self()
       self.sync()
     times = []
+    cpu_start = _cpu_s()
     while len(times) < max_steps and (len(times) < min_steps or
                                       sum(times) < budget_s):
       start = time.perf_counter()
       self()
       self.sync()
       times.append(time.perf_counter() - start)
+    self.cpu_s += _cpu_s() - cpu_start
+    self.timed_steps += len(times)
     self.check_finite()
     return times
+
+  def cpu_s_per_step(self):
+    return self.cpu_s / max(self.timed_steps, 1)
 
   def time_back_to_back(self, steps):
     """Mean step time of `steps` dispatched without waiting in between."""
@@ -183,9 +193,20 @@ class Step:
       raise FloatingPointError(f'non-finite loss {loss} in the benchmark')
 
 
+def _cpu_s():
+  """CPU seconds used by this process (all threads) so far."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def program_stats(compiled):
-  """FLOPs (train._compiled_stats) and the compiled program's memory."""
+  """FLOPs (train._compiled_stats), memory, and a hash of the program text."""
   out = train._compiled_stats(compiled)  # pylint: disable=protected-access
+  try:  # equal hashes: an option did not change the compiled program
+    text = re.sub(r'\S*metadata=\{[^}]*\}', '', compiled.as_text())
+    out['program_hash'] = hashlib.sha1(text.encode()).hexdigest()[:10]
+  except Exception:  # pylint: disable=broad-except
+    pass
   try:
     mem = compiled.memory_analysis()
     out['alias_size_in_bytes'] = int(getattr(mem, 'alias_size_in_bytes', 0))
@@ -206,10 +227,14 @@ def runtime_peak_bytes(device):
   return (stats or {}).get('peak_bytes_in_use')
 
 
-def _summary(times, batch):
+def _summary(times, batch, step=None):
   med = statistics.median(times)
-  return {'step_s': med, 'step_s_min': min(times), 'step_s_max': max(times),
-          'steps': len(times), 'images_per_s': batch / med}
+  out = {'step_s': med, 'step_s_min': min(times), 'step_s_max': max(times),
+         'steps': len(times), 'images_per_s': batch / med}
+  if step is not None:
+    out['cpu_s_per_step'] = step.cpu_s_per_step()
+    out['cpu_per_wall'] = out['cpu_s_per_step'] / med  # cores kept busy
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -249,7 +274,7 @@ def _round_ratio(medians, name, base):
 
 
 def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
-               torch_graphs=(), torch_timing=None, keep=(), log=print):
+               torch=None, keep=(), remat=False, log=print):
   """Every graph of one setting, timed in interleaved rounds.
 
   All graphs are compiled first, then timed round-robin (`rounds` times), so
@@ -264,7 +289,7 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
   steps, rows = {}, {}
   for graph in graphs:
     config = make_config(graph)
-    step = steps[graph] = Step(config)
+    step = steps[graph] = Step(config, remat=remat)
     rows[graph] = {'setting': setting_name, 'graph': graph,
                    'splits': [list(s) for s in config.model.splits],
                    'heads': step.model.num_heads, 'batch': config.batch_size,
@@ -280,20 +305,16 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
     log(f'  {setting_name} round {r + 1}/{rounds}: ' + ', '.join(
         f'{g} {1e3 * medians[g][-1]:.0f} ms' for g in graphs) +
         f'  load {load:.2f}')
-    if r == 0 and torch_graphs:
-      torch_rows.extend(run_torch(
-          {g: tuple(tuple(s) for s in steps[g].config.model.splits)
-           for g in torch_graphs}, steps[graphs[0]].config.batch_size,
-          torch_timing, log=log))
+    if r == 0 and torch:
+      torch_rows.extend(run_torch(log=log, **torch))
 
   times, medians, loads = _time_in_rounds(steps, timing, rounds, after_round)
   single = graphs[0]
   kept = {g: steps[g] for g in graphs if g in keep}
-  del steps
   out = []
   for graph in graphs:
     row = rows[graph]
-    row.update(_summary(times[graph], row['batch']))
+    row.update(_summary(times[graph], row['batch'], steps[graph]))
     row['round_step_s'] = medians[graph]
     row['load_1min'] = statistics.median(loads)
     row['time_ratio'] = _round_ratio(medians, graph, single)
@@ -312,26 +333,52 @@ def run_graphs(setting_name, make_config, graphs, timing, rounds=3,
         f'{row["images_per_s"]:7.1f} img/s  time x{row["time_ratio"]:.2f} '
         f'(FLOPs x{row.get("flop_ratio", float("nan")):.2f})')
     out.append(row)
+  del steps
   return out, torch_rows, kept
 
 
-def run_torch(graph_splits, batch, torch_timing, log=print):
-  """The PyTorch peer: every format and thread count, graphs adjacent."""
+def torch_python(path=None):
+  """The Python of the PyTorch peer's venv, or None if there is none."""
+  for candidate in (path, os.environ.get('TORCH_PYTHON'),
+                    os.path.join(REPO, '.venv-torch', 'bin', 'python')):
+    if candidate and os.access(candidate, os.X_OK):
+      return candidate
+  return None
+
+
+def torch_script(python, graphs, *, batch, formats, threads, steps, warmup,
+                 depth=32, log=print):
+  """Runs experiments/torch_reference.py in `python`; returns its rows."""
+  cmd = [python, TORCH_SCRIPT, '--graphs', ','.join(graphs),
+         '--formats', ','.join(formats),
+         '--threads', ','.join(str(t) for t in threads), '--batch', str(batch),
+         '--steps', str(steps), '--warmup', str(warmup), '--depth', str(depth),
+         '--json', '-']
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('XLA_', 'JAX_', 'PYTHONPATH'))}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                        check=False)
+  if proc.returncode:
+    raise RuntimeError(f'{" ".join(cmd)} failed ({proc.returncode}):\n'
+                       + proc.stderr[-3000:])
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for r in out['results']:
+    log(f'  torch {r["graph"]:<16} {r["memory_format"]:<14} '
+        f'{r["num_threads"]} thread(s) {1e3 * r["step_s"]:8.1f} ms '
+        f'{r["images_per_s"]:7.1f} img/s  load {r["load_1min"]:.2f}')
+  return out
+
+
+def run_torch(python, graphs, batch, timing, log=print):
+  """The PyTorch peer: channels-last at 1 thread and one per core, NCHW at
+  one per core (slower than channels-last here); graphs adjacent."""
+  ncpu = os.cpu_count() or 1
   rows = []
-  all_threads = sorted({1, os.cpu_count() or 1})
-  for fmt in ('channels_last', 'nchw'):
-    # NCHW (slower than channels_last here) only at one thread per core.
-    for threads in all_threads if fmt == 'channels_last' else all_threads[-1:]:
-      for graph, splits in graph_splits.items():
-        r = torch_reference.measure(splits, batch=batch,
-                                    channels_last=fmt == 'channels_last',
-                                    num_threads=threads, **torch_timing)
-        r['graph'] = graph
-        r['load_1min'] = os.getloadavg()[0]
-        rows.append(r)
-        log(f'  torch {graph:<16} {fmt:<14} {threads} thread(s) '
-            f'{1e3 * r["step_s"]:8.1f} ms {r["images_per_s"]:7.1f} img/s  '
-            f'load {r["load_1min"]:.2f}')
+  for formats, threads in ((('channels_last',), sorted({1, ncpu})),
+                           (('nchw',), (ncpu,))):
+    out = torch_script(python, graphs, batch=batch, formats=formats,
+                       threads=threads, log=log, **timing)
+    rows += out['results']
   return rows
 
 
@@ -356,7 +403,7 @@ def run_impl(make_config, graphs, timing, vmap_timing, loop_steps=None,
       times = step.time(**(timing if impl == 'loop' else vmap_timing))
       row = {'graph': graph, 'branch_impl': impl,
              'batch': step.config.batch_size, 'compile_s': step.compile_s,
-             **step.program, **_summary(times, step.config.batch_size)}
+             **step.program, **_summary(times, step.config.batch_size, step)}
       rows.append(row)
       log(f'  impl {graph:<16} {impl:<5} {1e3 * row["step_s"]:9.1f} ms '
           f'{row["images_per_s"]:7.1f} img/s  load {os.getloadavg()[0]:.2f}')
@@ -420,62 +467,234 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   return out
 
 
+# Variants of the recommended step (float32, one device,
+# models.compiler_options): what each changes is in experiments/README.md.
+# `extra_options` are XLA:CPU debug options of jaxlib 0.12 (names from
+# `strings libjax_common.so | grep xla_cpu_`), per compile.
 OPTION_VARIANTS = {
     'before: XLA default': {'compiler_options': {}},
+    # jaxlib 0.12's default YNNPACK fusions (convolutions too), barriers kept:
+    # the recommended options as they were before this row's measurement.
+    'YNNPACK convolutions': {'compiler_options': {
+        'xla_disable_hlo_passes': 'cse_barrier_expander'}},
+    # --device: what XLA:CPU gets (models.compiler_options('cpu')) vs none.
+    'CPU options': {'compiler_options': 'cpu'},
     'bfloat16': {'dtype': 'bfloat16'},
     'remat': {'remat': True},
-    'CPU devices': {'devices': None},  # all of them (set by --cpu_devices)
+    'CPU devices': {'devices': 'all'},
+    'CPU devices, batch per device': {'devices': 'all',
+                                      'batch_per_device': True},
+    '1 intra-op thread': {'extra_options': {
+        'xla_cpu_multi_thread_eigen': False}},
+    'concurrency scheduler': {'extra_options': {
+        'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED'}},
+    'XNNPACK graph fusion': {'extra_options': {
+        'xla_cpu_experimental_xnn_graph_fusion_mode':
+            'XNN_GRAPH_FUSION_MODE_GREEDY'}},
 }
 
 
+def option_step(base_step, name, log=print):
+  """(row name, Step) of variant `name` of `base_step`, or None to skip."""
+  opts = OPTION_VARIANTS[name]
+  devices = jax.devices() if opts.get('devices') == 'all' else jax.devices()[:1]
+  if opts.get('devices') == 'all' and len(devices) == 1:
+    return None
+  config = base_step.config.copy_and_resolve_references()
+  if 'devices' in opts:
+    name = name.replace('CPU devices', f'{len(devices)} CPU devices')
+  if opts.get('batch_per_device'):  # throughput only: a bigger global batch
+    config.batch_size *= len(devices)
+    name = name.replace('batch per device',
+                        f'batch {config.batch_size // len(devices)} per device')
+  if 'dtype' in opts:
+    config.model.dtype = opts['dtype']
+  compiler_options = opts.get('compiler_options')
+  if compiler_options == 'cpu':
+    compiler_options = models.compiler_options('cpu')
+  try:
+    step = Step(config, devices=devices, remat=opts.get('remat', False),
+                compiler_options=compiler_options,
+                extra_options=opts.get('extra_options'), like=base_step)
+  except Exception as e:  # pylint: disable=broad-except
+    # An XLA option this jaxlib does not know: record it, go on.
+    log(f'  option {name}: not compiled ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:200]})')
+    return name, None
+  return name, step
+
+
 def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
-                log=print):
+                keep=(), log=print):
   """Variants of the kept (already compiled) steps, timed in rounds with them.
 
-  Barriers before/after, bfloat16, remat, data parallelism over CPU devices;
-  each graph's variants are compiled, then timed round-robin with its
+  Each graph's variants are compiled, then timed round-robin with its
   baseline like `run_graphs` does, and compared per round.
+
+  Returns:
+    (rows, {(graph, variant): Step} for the variant names in `keep`).
   """
-  rows = []
+  rows, kept_out = [], {}
   for graph in variants:
     base_step = kept[graph]
-    steps = {'float32': base_step}
+    steps, failed = {'baseline': base_step}, []
     for name in variants[graph]:
-      opts = OPTION_VARIANTS[name]
-      devices = jax.devices() if 'devices' in opts else jax.devices()[:1]
-      if 'devices' in opts:
-        if len(devices) == 1:
-          continue
-        name = f'{len(devices)} CPU devices'
-      config = base_step.config.copy_and_resolve_references()
-      if 'dtype' in opts:
-        config.model.dtype = opts['dtype']
-      steps[name] = Step(config, devices=devices, remat=opts.get('remat', False),
-                         compiler_options=opts.get('compiler_options'),
-                         like=base_step)
+      made = option_step(base_step, name, log=log)
+      if made is None:
+        continue
+      if made[1] is None:
+        failed.append(made[0])
+      else:
+        steps[made[0]] = made[1]
     times, medians, loads = _time_in_rounds(steps, timing, rounds)
     load = loads[-1]
     base = None
     for name, step in steps.items():
       row = {'graph': graph, 'variant': name, 'batch': step.config.batch_size,
-             'devices': step.state.step.sharding.num_devices,
+             'devices': step.num_devices,
              'compiler_options': step.compiler_options,
              'compile_s': step.compile_s, **step.program,
-             **_summary(times[name], step.config.batch_size),
+             **_summary(times[name], step.config.batch_size, step),
              'round_step_s': medians[name], 'load_1min': load}
-      if name == 'float32' and back_to_back_steps:  # no syncs in between
+      if name == 'baseline' and back_to_back_steps:  # no syncs in between
         row['back_to_back_step_s'] = step.time_back_to_back(back_to_back_steps)
       if base is None:
         base = row
-      row['time_vs_float32'] = _round_ratio(medians, name, 'float32')
+      row['time_vs_baseline'] = _round_ratio(medians, name, 'baseline')
+      # images/s ratio: differs from 1 / time ratio when the batch differs
+      row['throughput_vs_baseline'] = (row['batch'] / row['time_vs_baseline'] /
+                                      base['batch'])
+      row['same_program_as_baseline'] = (
+          name != 'baseline' and
+          row.get('program_hash') == base.get('program_hash'))
       if 'memory_bytes' in row:
-        row['memory_vs_float32'] = row['memory_bytes'] / base['memory_bytes']
+        row['memory_vs_baseline'] = row['memory_bytes'] / base['memory_bytes']
       rows.append(row)
-      log(f'  option {graph:<16} {name:<20} {1e3 * row["step_s"]:8.1f} ms '
-          f'x{row["time_vs_float32"]:.2f} time, '
-          f'x{row.get("memory_vs_float32", float("nan")):.2f} memory  '
-          f'load {load:.2f}')
+      if any(name.startswith(k) or name == k for k in keep):
+        kept_out[(graph, name)] = step
+      log(f'  option {graph:<16} {name:<28} {1e3 * row["step_s"]:8.1f} ms '
+          f'x{row["time_vs_baseline"]:.2f} time, '
+          f'x{row.get("memory_vs_baseline", float("nan")):.2f} memory, '
+          f'{row["cpu_per_wall"]:.2f} cores busy  load {load:.2f}')
+    for name in failed:
+      rows.append({'graph': graph, 'variant': name, 'failed': True})
     del steps
+  return rows, kept_out
+
+
+def profile_step(step, out_dir, steps=2, log=print):
+  """Traces `steps` steps (jax.profiler) and summarises XLA:CPU's threads.
+
+  Returns {'threads_busy_s': {k: seconds with k intra-op threads inside an
+  op}, 'ops': [[name, s/step, calls/step], ...]} from the trace's
+  `tf_XLAEigen` lines (op names without their numeric suffix, classified
+  forward/backward from the HLO metadata where the compiled text has it).
+  """
+  import collections
+  import glob
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  for _ in range(2):
+    step()
+    step.sync()
+  trace_dir = os.path.join(out_dir, 'trace')
+  jax.profiler.start_trace(trace_dir)
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+    step.sync()
+  wall = time.perf_counter() - start
+  jax.profiler.stop_trace()
+  direction = {}
+  for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"',
+                       step.compiled.as_text()):
+    direction[m.group(1)] = ('bwd' if 'transpose(' in m.group(2) else 'fwd')
+  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                          recursive=True))[-1]
+  plane = [p for p in _profile_data.ProfileData.from_file(path).planes
+           if p.name == '/host:CPU'][0]
+  wrappers = ('ThunkExecutor', 'SlinkyThreadPool', 'ThreadpoolListener',
+              'end:')
+  events, ops, calls = [], collections.Counter(), collections.Counter()
+  for t, line in enumerate(l for l in plane.lines if 'Eigen' in l.name):
+    for e in line.events:
+      if e.name.startswith(wrappers):
+        continue
+      events.append((e.start_ns, e.start_ns + e.duration_ns, t))
+      key = f'{e.name.split(".")[0]} ({direction.get(e.name, "?")})'
+      ops[key] += e.duration_ns / 1e9 / steps
+      calls[key] += 1 / steps
+  points = sorted([(a, 1, t) for a, _, t in events] +
+                  [(b, -1, t) for _, b, t in events])
+  active, busy = collections.Counter(), collections.Counter()
+  previous = points[0][0] if points else 0
+  for x, d, t in points:
+    busy[sum(1 for v in active.values() if v > 0)] += (x - previous) / 1e9
+    previous = x
+    active[t] += d
+  out = {'wall_s_per_step': wall / steps,
+         'threads_busy_s_per_step': {str(k): v / steps
+                                     for k, v in sorted(busy.items())},
+         'ops': [[k, v, round(calls[k])] for k, v in ops.most_common(15)]}
+  log(f'  profile: {1e3 * out["wall_s_per_step"]:.0f} ms/step; seconds per '
+      'step with k intra-op threads in an op: ' +
+      ', '.join(f'{k}: {v:.3f}' for k, v in
+                out['threads_busy_s_per_step'].items()))
+  for name, secs, n in out['ops'][:8]:
+    log(f'    {secs:7.3f} s/step {n:4d} calls  {name}')
+  return out
+
+
+def busy_process():
+  """A competing CPU-bound process (one busy Python loop, not pinned)."""
+  return subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+
+
+def run_contention(steps, timing, torch=None, log=print):
+  """Ours and PyTorch's step alone and beside one busy process.
+
+  `steps`: {name: compiled Step}; each is timed quiet, then with the
+  competitor running, adjacent, so their ratio is the slowdown.
+  `torch`: kwargs of `torch_script` (run once quiet, once contended).
+  """
+  rows = []
+  def measure_ours(name, step):
+    t = step.time(**timing)
+    return {'step_s': statistics.median(t), 'steps': len(t)}
+
+  items = list(steps.items())
+  for name, step in items:
+    quiet = measure_ours(name, step)
+    competitor = busy_process()
+    try:
+      time.sleep(0.5)
+      busy = measure_ours(name, step)
+    finally:
+      competitor.kill()
+      competitor.wait()
+    rows.append({'who': 'ours', 'variant': name, 'quiet_step_s':
+                 quiet['step_s'], 'busy_step_s': busy['step_s'],
+                 'slowdown': busy['step_s'] / quiet['step_s'],
+                 'load_1min': os.getloadavg()[0]})
+    log(f'  contention ours {name:<32} quiet {1e3 * quiet["step_s"]:7.0f} ms'
+        f', busy {1e3 * busy["step_s"]:7.0f} ms: x{rows[-1]["slowdown"]:.2f}')
+  if torch:
+    quiet = torch_script(log=log, **torch)['results']
+    competitor = busy_process()
+    try:
+      time.sleep(0.5)
+      busy = torch_script(log=log, **torch)['results']
+    finally:
+      competitor.kill()
+      competitor.wait()
+    for q, b in zip(quiet, busy):
+      rows.append({'who': 'PyTorch', 'variant':
+                   f'{q["graph"]}, {q["memory_format"]}, '
+                   f'{q["num_threads"]} thread(s)',
+                   'quiet_step_s': q['step_s'], 'busy_step_s': b['step_s'],
+                   'slowdown': b['step_s'] / q['step_s'],
+                   'load_1min': os.getloadavg()[0]})
+      log(f'  contention torch {rows[-1]["variant"]:<31} x'
+          f'{rows[-1]["slowdown"]:.2f}')
   return rows
 
 
@@ -510,94 +729,57 @@ def _graph_table(rows):
   return lines
 
 
-def write_report(out_dir, result):
+def write_report(out_dir, name, result):
+  """Writes `<name>.json`, then `<name>.md` rendered from that file."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'bench.json'), 'w') as f:
+  path = os.path.join(out_dir, f'{name}.json')
+  with open(path, 'w') as f:
     json.dump(result, f, indent=1, sort_keys=True)
+  with open(path) as f:  # the Markdown shows exactly what the JSON holds
+    write_markdown(out_dir, name, json.load(f))
+
+
+def write_markdown(out_dir, name, result):
   env = result['environment']
-  L = ['# Training-step benchmark', '',
+  device_mode = result.get('mode') == 'device'
+  L = ['# Training-step benchmark' + (' (device check)' if device_mode else ''),
+       '',
        f'Generated by `{env["command"]}` on {env["date"]} '
-       f'({result["total_s"] / 60:.1f} min, one process).', '',
-       f'Machine: {env["device"]}, {env["cpu_count"]} CPU cores '
-       f'({env["cpu_model"]}); jax {env["jax"]}, jaxlib {env["jaxlib"]}, '
-       f'flax {env["flax"]}, torch {env.get("torch", "not installed")}; '
-       f'XLA_FLAGS=`{env["xla_flags"] or "(none)"}`. '
+       f'({result["total_s"] / 60:.1f} min, one process); rendered from '
+       f'`{name}.json`. How to read it: experiments/README.md, "Benchmark".',
+       '',
+       f'Machine: {env["device"]} ({env["num_devices"]} device(s)), '
+       f'{env["cpu_count"]} CPU cores ({env["cpu_model"]}); Python '
+       f'{env.get("python", "?")}, jax {env["jax"]}, jaxlib {env["jaxlib"]}, '
+       f'flax {env["flax"]}, PyTorch peer: '
+       f'{env.get("torch", "not run")}; XLA_FLAGS=`{env["xla_flags"] or "(none)"}`; '
+       f'recommended compiler options `{env["compiler_options"]}`. '
        f'Load average (1 min) at start {env["load_start"][0]:.2f}, at end '
-       f'{env["load_end"][0]:.2f} (other users share these cores: compare '
-       'ratios within this run, not absolute numbers across runs).', '',
-       'Every number is the real `collab_jax.train.train_step` (recipe config '
-       'of the graph, SGD + weight decay, non-finite guard, metrics), jitted '
-       'with the state donated as in `train_and_evaluate`, on one device, '
-       'compiled with `compiler_options='
-       f'{env["compiler_options"]}` (`collab_jax.models.compiler_options`; '
-       'see Options for before/after), after compilation and warm-up. The '
-       'graphs of a setting are compiled first and then timed round-robin in '
-       '3 rounds, so that load from other processes hits all of them alike: '
-       'step time is the median over all timed steps (each waited for), the '
-       'time ratio the median over rounds of the ratio to the single model '
-       'in the same round, load the median 1-minute load average after each '
-       'round. FLOPs are the compiled step\'s '
-       '`cost_analysis()["flops"]`, bytes its `cost_analysis()["bytes '
-       'accessed"]` (the memory traffic XLA estimates: where a graph\'s bytes '
-       'ratio is well above its FLOP ratio, moving parameters, gradients, '
-       'optimizer state and activations costs more than the arithmetic, and '
-       'the FLOP ratio is not the limit of its time ratio); memory is the compiled program\'s '
-       '`memory_analysis()`: temp + argument + output bytes, and the same '
-       'minus the donated (aliased) state, which is both an argument and an '
-       'output but one buffer. ' + env['runtime_peak_note'], '']
-  for name, sect in result['graphs'].items():
-    L += [f'## {name}', '', sect['description'], '']
+       f'{env["load_end"][0]:.2f}: other processes share these cores, so '
+       'compare ratios within this run, not absolute numbers across runs.', '']
+  for sect_name, sect in result['graphs'].items():
+    L += [f'## {sect_name}', '', sect['description'], '']
     L += _graph_table(sect['rows']) + ['']
   if result.get('torch'):
-    L += ['## PyTorch peer on the same CPU', '',
-          'experiments/torch_reference.py (PyTorch ' + env.get('torch', '?') +
-          '): the same ResNet-32 head tree, loss and SGD step on a fixed '
-          'random float batch of 128 (ours also augments uint8 images on the '
-          'device), channels-last with 1 thread and with one per core, NCHW with '
-          'one per core. '
-          'Timed between the first and the second round of ours (ours: the '
-          'median over all rounds). PyTorch\'s OpenMP threads degrade badly when other '
-          'processes hold the cores, hence both thread counts; the goal '
-          'compares against the best PyTorch row.', '',
-          '| graph | PyTorch format | threads | PyTorch img/s | ours img/s '
-          '| ours / PyTorch | time ratio vs single (PyTorch) | load |',
-          '|---|---|---|---|---|---|---|---|']
-    ours = {r['graph']: r for r in result['graphs']['CIFAR ResNet-32']['rows']}
-    single = {(r['memory_format'], r['num_threads']): r
-              for r in result['torch'] if r['graph'] == 'single'}
-    for r in result['torch']:
-      o = ours[r['graph']]
-      base = single.get((r['memory_format'], r['num_threads']))
-      L.append(f'| {r["graph"]} | {r["memory_format"]} | {r["num_threads"]} '
-               f'| {r["images_per_s"]:.1f} | {o["images_per_s"]:.1f} '
-               f'| {o["images_per_s"] / r["images_per_s"]:.2f} '
-               f'| {_fmt(r["step_s"] / base["step_s"] if base else None)} '
-               f'| {_fmt(r.get("load_1min"))} |')
-    graphs = [g for g in GRAPHS if any(r['graph'] == g for r in result['torch'])]
-    L += ['', 'Time ratio of the 4-head tree to the single model: ours ' +
-          ', '.join(f'{g} {ours[g]["time_ratio"]:.2f}' for g in graphs[1:]) +
-          ' (PyTorch: last column above).', '']
+    L += _torch_table(result)
   if result.get('impl'):
     L += ['## Branches: batched vmap vs sequential loop', '',
-          result['impl_description'], '',
-          '| graph | impl | batch | step ms | img/s | vmap / loop time '
-          '| GFLOP/step | compile s |', '|---|---|---|---|---|---|---|---|']
+          '| setting | graph | impl | batch | step ms | img/s '
+          '| vmap / loop time | GFLOP/step | memory MiB | compile s |',
+          '|---|---|---|---|---|---|---|---|---|---|']
     for r in result['impl']:
-      L.append(f'| {r["graph"]} | {r["branch_impl"]} | {r["batch"]} '
+      L.append(f'| {r.get("setting", "CIFAR ResNet-32")} | {r["graph"]} '
+               f'| {r["branch_impl"]} | {r["batch"]} '
                f'| {1e3 * r["step_s"]:.0f} | {r["images_per_s"]:.1f} '
                f'| {_fmt(r.get("slowdown_vs_loop"))} '
                f'| {_fmt(r.get("flops_per_step", 0) / 1e9, ".1f")} '
+               f'| {_fmt(r.get("memory_bytes", 0) / MiB, ".1f")} '
                f'| {r["compile_s"]:.1f} |')
     L.append('')
   if result.get('pipeline'):
     p = result['pipeline']
     L += ['## Input pipeline', '',
-          f'CIFAR-shaped in-memory data (50,000 x 32x32x3 uint8, 20 % label '
-          f'noise), batch {p["batch"]}. Host: `train_indices` + gather + '
-          '`LabelNoise.labels` + `make_array_from_process_local_data` '
-          '(what the trainer does per step, overlapped with the running '
-          'step). Device: `augment` + `normalize` jitted alone (inside the '
-          'train step they are fused into it).', '',
+          f'Batch {p["batch"]} of CIFAR-shaped in-memory data.', '',
           '| stage | img/s | vs the ResNet-32 single step it feeds |',
           '|---|---|---|',
           f'| host batch assembly | {p["host"]["images_per_s"]:.0f} '
@@ -608,15 +790,31 @@ def write_report(out_dir, result):
           f'| train step (single, float32) | '
           f'{p["train_step_images_per_s"]:.1f} | 1x |', '']
   if result.get('options'):
-    L += ['## Options (same run)', '', result['options_description'], '',
-          '| graph | variant | step ms | img/s | time vs float32 '
-          '| memory MiB | memory vs float32 | compile s |',
-          '|---|---|---|---|---|---|---|---|']
+    L += ['## Options (same run)' if not device_mode else
+          '## CPU-motivated compiler options on this device', '',
+          'Each graph\'s variants timed round-robin with its baseline (the '
+          'recommended step every other section runs); ratios are medians '
+          'over rounds. "cores busy": process CPU seconds per wall second '
+          'during its steps. "same program": the variant compiled to the '
+          'baseline\'s program text (its ratio is noise).', '',
+          '| graph | variant | batch | devices | step ms | img/s '
+          '| time vs baseline | img/s vs baseline | cores busy '
+          '| memory MiB | memory vs baseline | same program | compile s |',
+          '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in result['options']:
-      L.append(f'| {r["graph"]} | {r["variant"]} | {1e3 * r["step_s"]:.0f} '
-               f'| {r["images_per_s"]:.1f} | {_fmt(r["time_vs_float32"])} '
+      if r.get('failed'):
+        L.append(f'| {r["graph"]} | {r["variant"]} | not compiled by this '
+                 'jaxlib (see the log) |||||||||||')
+        continue
+      L.append(f'| {r["graph"]} | {r["variant"]} | {r["batch"]} '
+               f'| {r["devices"]} | {1e3 * r["step_s"]:.0f} '
+               f'| {r["images_per_s"]:.1f} | {_fmt(r["time_vs_baseline"])} '
+               f'| {_fmt(r.get("throughput_vs_baseline"))} '
+               f'| {_fmt(r.get("cpu_per_wall"))} '
                f'| {_fmt(r.get("memory_bytes", 0) / MiB, ".1f")} '
-               f'| {_fmt(r.get("memory_vs_float32"))} | {r["compile_s"]:.1f} |')
+               f'| {_fmt(r.get("memory_vs_baseline"))} '
+               f'| {_same_program(r)} '
+               f'| {r["compile_s"]:.1f} |')
     b2b = [r for r in result['options'] if 'back_to_back_step_s' in r]
     if b2b:
       L += ['', 'No host syncs: ' + '; '.join(
@@ -624,12 +822,66 @@ def write_report(out_dir, result):
           f'dispatched back to back vs {1e3 * r["step_s"]:.0f} ms waiting '
           'for every step' for r in b2b) + '.']
     L.append('')
+  if result.get('contention'):
+    L += ['## One competing busy process', '',
+          'Each step timed alone and then beside one busy Python loop (not '
+          'pinned), adjacent; slowdown = contended / alone step time.', '',
+          '| who | variant | alone ms | with a busy process ms | slowdown |',
+          '|---|---|---|---|---|']
+    for r in result['contention']:
+      L.append(f'| {r["who"]} | {r["variant"]} | {1e3 * r["quiet_step_s"]:.0f} '
+               f'| {1e3 * r["busy_step_s"]:.0f} | {r["slowdown"]:.2f} |')
+    L.append('')
+  if result.get('profile'):
+    p = result['profile']
+    L += ['## Profile of the single step (jax.profiler)', '',
+          f'{1e3 * p["wall_s_per_step"]:.0f} ms/step traced. Seconds per step '
+          'with k XLA:CPU intra-op threads inside an op: ' +
+          ', '.join(f'{k}: {v:.3f}'
+                    for k, v in p['threads_busy_s_per_step'].items()) + '.',
+          '', '| op (fwd/bwd) | s/step | calls/step |', '|---|---|---|']
+    L += [f'| {name} | {secs:.3f} | {n} |' for name, secs, n in p['ops']]
+    L.append('')
+  if result.get('skipped'):
+    L += ['## Skipped (time budget)', ''] + [
+        f'* {s}' for s in result['skipped']] + ['']
   if result.get('goals'):
     L += ['## Goals', ''] + [f'* {g}' for g in result['goals']] + ['']
-  if result.get('notes'):
-    L += ['## Notes', ''] + [f'* {n}' for n in result['notes']] + ['']
-  with open(os.path.join(out_dir, 'bench.md'), 'w') as f:
+  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
     f.write('\n'.join(L))
+
+
+def _same_program(row):
+  if row['variant'] == 'baseline' or 'same_program_as_baseline' not in row:
+    return '—'
+  return 'yes' if row['same_program_as_baseline'] else 'no'
+
+
+def _torch_table(result):
+  L = ['## PyTorch peer on the same CPU', '',
+       'experiments/torch_reference.py in its own venv (subprocess): the same '
+       'ResNet-32 head tree, loss and SGD step on a fixed float batch, timed '
+       'between the first and the second round of ours.', '',
+       '| graph | PyTorch format | threads | PyTorch img/s | ours img/s '
+       '| ours / PyTorch | CPU s/step PyTorch | CPU s/step ours '
+       '| time ratio vs single (PyTorch) | load |',
+       '|---|---|---|---|---|---|---|---|---|---|']
+  ours = {r['graph']: r for r in result['graphs']['CIFAR ResNet-32']['rows']}
+  single = {(r['memory_format'], r['num_threads']): r
+            for r in result['torch'] if r['graph'] == 'single'}
+  for r in result['torch']:
+    o = ours.get(r['graph'])
+    if o is None:
+      continue
+    base = single.get((r['memory_format'], r['num_threads']))
+    L.append(f'| {r["graph"]} | {r["memory_format"]} | {r["num_threads"]} '
+             f'| {r["images_per_s"]:.1f} | {o["images_per_s"]:.1f} '
+             f'| {o["images_per_s"] / r["images_per_s"]:.2f} '
+             f'| {_fmt(r.get("cpu_s_per_step"))} '
+             f'| {_fmt(o.get("cpu_s_per_step"))} '
+             f'| {_fmt(r["step_s"] / base["step_s"] if base else None)} '
+             f'| {_fmt(r.get("load_1min"))} |')
+  return L + ['']
 
 
 def _goals(result):
@@ -647,6 +899,8 @@ def _goals(result):
   if result.get('torch'):
     ours = {r['graph']: r for r in result['graphs']['CIFAR ResNet-32']['rows']}
     for g in GRAPHS:
+      if g not in ours:
+        continue
       rows = [r for r in result['torch'] if r['graph'] == g]
       if not rows:
         continue
@@ -657,6 +911,14 @@ def _goals(result):
           f'{best["images_per_s"]:.1f} img/s (best PyTorch row: '
           f'{best["memory_format"]}, {best["num_threads"]} thread(s)) = '
           f'{ratio:.2f}x, ' + ('met.' if ratio >= 1 else 'not met.'))
+  if result.get('contention'):
+    rows = result['contention']
+    worst = {who: max((r for r in rows if r['who'] == who),
+                      key=lambda r: r['slowdown'])
+             for who in ('ours', 'PyTorch') if any(r['who'] == who for r in rows)}
+    goals.append('degrade gracefully beside one busy process: worst slowdown ' +
+                 ', '.join(f'{who} {r["slowdown"]:.2f}x ({r["variant"]})'
+                           for who, r in worst.items()) + '.')
   if result.get('pipeline'):
     p = result['pipeline']
     worst = min(p['host_over_step'], p['device_augment_over_step'])
@@ -670,33 +932,28 @@ def _goals(result):
 # Main.
 
 
-def _environment(argv):
+def _environment(argv, torch_py):
   import flax
   import jaxlib
+  dev = jax.devices()[0]
   env = {
       'command': 'python experiments/bench.py ' + ' '.join(argv),
       'date': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%d %H:%M UTC'),
-      'device': f'{jax.devices()[0].platform}: {jax.devices()[0].device_kind}',
+      'device': f'{dev.platform}: {dev.device_kind}',
+      'platform': dev.platform,
       'num_devices': jax.device_count(),
       'cpu_count': os.cpu_count(), 'cpu_model': _cpu_model(),
       'python': platform.python_version(), 'jax': jax.__version__,
       'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'compiler_options': models.compiler_options(jax.devices()[0].platform),
+      'compiler_options': models.compiler_options(dev.platform),
       # A persistent cache would turn compile times into cache reads.
       'compilation_cache_dir': jax.config.jax_compilation_cache_dir,
+      'torch_python': torch_py,
       'load_start': list(os.getloadavg()),
+      'runtime_peak_reported': runtime_peak_bytes(dev) is not None,
   }
-  if torch_reference.torch_available():
-    import torch
-    env['torch'] = torch.__version__
-  peak = runtime_peak_bytes(jax.devices()[0])
-  env['runtime_peak_note'] = (
-      'The device reports a runtime peak (`memory_stats()`), listed in '
-      'bench.json.' if peak is not None else
-      f'Runtime peak: this device ({jax.devices()[0].platform}) reports no '
-      '`memory_stats()`, so only the compiled numbers are given.')
   return env
 
 
@@ -711,111 +968,148 @@ def _cpu_model():
   return platform.processor() or 'unknown'
 
 
+ALL_SECTIONS = ('graphs', 'torch', 'impl', 'pipeline', 'options', 'contention',
+                'profile', 'resnet50', 'resnet50_224')
+DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention'
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='experiments/results',
                  help='folder for bench.md and bench.json')
-  p.add_argument('--quick', action='store_true',
-                 help='smallest settings, a few steps: a smoke test')
-  p.add_argument('--sections', default='graphs,impl,torch,pipeline,options',
-                 help='comma-separated subset of graphs,impl,torch,pipeline,'
-                 'options')
+  p.add_argument('--quick', '--tiny', action='store_true', dest='quick',
+                 help='tiny models, 1-2 steps: a smoke test (numbers '
+                 'meaningless); with --device too')
+  p.add_argument('--sections', default=DEFAULT_SECTIONS,
+                 help=f'comma-separated subset of {",".join(ALL_SECTIONS)} '
+                 '(resnet50 and resnet50_224 are opt-in)')
+  p.add_argument('--device', action='store_true',
+                 help='the accelerator check (ResNet-50 224x224 bfloat16, '
+                 'CIFAR ResNet-32, vmap vs loop, CPU options on and off); '
+                 'writes bench_<device>.md/.json')
+  p.add_argument('--render', default=None, metavar='BENCH_JSON',
+                 help='only write the Markdown of an existing JSON result')
+  p.add_argument('--torch_python', default=None,
+                 help='Python with torch for the PyTorch peer (default: '
+                 '$TORCH_PYTHON, then .venv-torch/bin/python)')
   p.add_argument('--imagenet_batch', type=int, default=16)
   p.add_argument('--imagenet_size', type=int, default=64)
-  p.add_argument('--impl_batch', type=int, default=None,
-                 help='batch of the vmap-vs-loop comparison (vmap is slow '
-                 'on XLA:CPU)')
-  p.add_argument('--cpu_devices', type=int, default=2,
-                 help='CPU devices to create (the options section tries data '
-                 'parallelism over them; everything else uses one)')
+  p.add_argument('--imagenet224_batch', type=int, default=8,
+                 help='batch of the opt-in resnet50_224 section')
+  p.add_argument('--imagenet224_remat', action='store_true',
+                 help='rematerialise every stage in resnet50_224 (memory)')
   p.add_argument('--imagenet_graphs',
                  default='single,h2_simple,h4_hierarchical',
-                 help='graphs of the ResNet-50 setting (default: the rows of '
-                 'the paper\'s Table 4 with shared layers; add h2_instances, '
-                 'two independent copies, for about 1.5 more minutes)')
-  p.add_argument('--budget_s', type=float, default=5.0,
+                 help='graphs of the ResNet-50 sections (Table 4\'s rows with '
+                 'shared layers; add h2_instances for two copies)')
+  p.add_argument('--impl_batch', type=int, default=None,
+                 help='batch of the vmap-vs-loop comparison')
+  p.add_argument('--cpu_devices', type=int, default=2,
+                 help='CPU devices to create (the options and contention '
+                 'sections use them; everything else uses one)')
+  p.add_argument('--budget_s', type=float, default=4.0,
                  help='timed seconds per measurement (within min/max steps)')
+  p.add_argument('--device_batch', type=int, default=64,
+                 help='--device: ResNet-50 224x224 batch per graph')
+  p.add_argument('--device_budget_s', type=float, default=270,
+                 help='--device: skip what would start after this many '
+                 'seconds (the check must end within 6 minutes)')
   return p.parse_args(argv)
+
+
+def _logger(t0):
+  def log(message):  # with the elapsed time, so slow sections show
+    elapsed = time.time() - t0
+    print(f'[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {message}',
+          flush=True)
+  return log
 
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  sections = set(args.sections.split(','))
+  if args.render:
+    with open(args.render) as f:
+      result = json.load(f)
+    name = os.path.splitext(os.path.basename(args.render))[0]
+    write_markdown(os.path.dirname(args.render) or '.', name, result)
+    return result
   try:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   except RuntimeError:  # backends already up (e.g. under pytest): keep them
     pass
   t0 = time.time()
-  result = {'environment': _environment(argv), 'graphs': {}}
-  def log(message):  # with the elapsed time, so slow sections show
-    elapsed = time.time() - t0
-    print(f'[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {message}',
-          flush=True)
+  log = _logger(t0)
+  if args.device:
+    return main_device(args, argv, t0, log)
+  sections = set(args.sections.split(','))
+  unknown = sections - set(ALL_SECTIONS)
+  if unknown:
+    raise SystemExit(f'unknown sections {sorted(unknown)}; '
+                     f'choose from {ALL_SECTIONS}')
+  torch_py = (torch_python(args.torch_python)
+              if sections & {'torch', 'contention'} else None)
+  result = {'mode': 'cpu', 'environment': _environment(argv, torch_py),
+            'graphs': {}, 'sections': sorted(sections)}
   log(f'bench: {result["environment"]["device"]}, load '
       f'{result["environment"]["load_start"]}')
+  if sections & {'torch', 'contention'} and torch_py is None:
+    log('bench: no Python with torch (make bench builds .venv-torch); '
+        'skipping the PyTorch peer')
 
   if args.quick:
     timing = dict(warmup=1, min_steps=2, max_steps=2, budget_s=0)
     cifar = functools.partial(cifar_config, batch=8, network='tiny_resnet')
     imagenet = functools.partial(imagenet_config, batch=4, size=32,
                                  network='tiny_resnet50')
+    imagenet224 = imagenet
     torch_timing = dict(steps=2, warmup=1, depth=8)
     impl_batch, pipeline_steps, b2b = None, 5, 2
     graphs = imagenet_graphs = ('single', 'h4_hierarchical')
-    option_variants = {'single': tuple(OPTION_VARIANTS)}
+    option_variants = {'single': ('before: XLA default', 'YNNPACK convolutions',
+                                  'bfloat16', 'remat', 'CPU devices',
+                                  '1 intra-op thread')}
   else:
-    timing = dict(warmup=1, min_steps=5, max_steps=15, budget_s=args.budget_s)
+    timing = dict(warmup=1, min_steps=4, max_steps=15, budget_s=args.budget_s)
     cifar = cifar_config
     imagenet = functools.partial(imagenet_config, batch=args.imagenet_batch,
                                  size=args.imagenet_size)
+    imagenet224 = functools.partial(imagenet_config,
+                                    batch=args.imagenet224_batch, size=224)
     torch_timing = dict(steps=5, warmup=2)
     impl_batch, pipeline_steps, b2b = args.impl_batch, 50, 10
     graphs = GRAPHS
     imagenet_graphs = tuple(args.imagenet_graphs.split(','))
-    option_variants = {'single': tuple(OPTION_VARIANTS),
-                       'h4_hierarchical': ('remat',)}
-  with_torch = 'torch' in sections and torch_reference.torch_available()
-  if 'torch' in sections and not with_torch:
-    log('bench: torch is not installed; skipping the PyTorch peer '
-        '(pip install torch==2.13.0, or make bench)')
+    option_variants = {
+        'single': tuple(k for k in OPTION_VARIANTS if k != 'CPU options'),
+        'h4_hierarchical': ('YNNPACK convolutions', 'remat', 'CPU devices')}
+  contention_timing = dict(timing, warmup=1, min_steps=min(3, timing['max_steps']),
+                           budget_s=timing['budget_s'] / 2)
+  cifar_batch = cifar('single').batch_size
+  torch_kw = None
+  if torch_py is not None:
+    torch_kw = dict(python=torch_py, batch=cifar_batch,
+                    graphs=('single', 'h4_hierarchical'))
 
   kept_steps = {}
-  if sections & {'graphs', 'pipeline', 'options'} or with_torch:
+  if sections & {'graphs', 'torch', 'pipeline', 'options', 'contention',
+                 'impl', 'profile'}:
     log('section graphs: CIFAR ResNet-32')
-    rows, torch_rows, kept = run_graphs(
+    keep = ('single', 'h4_hierarchical')
+    rows, torch_rows, kept_steps = run_graphs(
         'CIFAR ResNet-32', cifar, graphs if 'graphs' in sections else
         ('single', 'h4_hierarchical'), timing,
-        torch_graphs=('single', 'h4_hierarchical') if with_torch else (),
-        torch_timing=torch_timing,
-        keep=(tuple(option_variants) if 'options' in sections else ()) +
-        (('h4_hierarchical',) if 'impl' in sections else ()), log=log)
-    kept_steps = kept
+        torch=(dict(torch_kw, timing=torch_timing)
+               if torch_kw and 'torch' in sections else None),
+        keep=keep, log=log)
     result['graphs']['CIFAR ResNet-32'] = {
         'description': 'CIFAR-10 recipe, batch 128 of 32x32x3 uint8 images '
                        '(augmented and normalised inside the step), 10 classes.'
                        if not args.quick else 'quick: tiny_resnet, batch 8.',
         'rows': rows}
-    result['torch'] = torch_rows
-  if 'graphs' in sections:
-    log('section graphs: ImageNet-shaped ResNet-50')
-    rows, _, _ = run_graphs('ResNet-50', imagenet, imagenet_graphs, timing,
-                            log=log)
-    b, s = (args.imagenet_batch, args.imagenet_size) if not args.quick else (4, 32)
-    result['graphs']['ImageNet-shaped ResNet-50'] = {
-        'description': f'ImageNet recipe with the real ResNet-50 stages '
-                       f'(25.6M parameters per instance, 1000 classes), batch '
-                       f'{b} of {s}x{s}x3 float32 images (the streamed '
-                       'pipeline delivers them preprocessed), to fit the time '
-                       'budget; graphs: ' + ', '.join(imagenet_graphs) +
-                       ' (--imagenet_graphs; every compile of this network '
-                       'takes about a minute here). At this size the '
-                       'parameters, gradients and '
-                       'momentum outweigh the activations, unlike the paper\'s '
-                       '224x224 runs, so memory ratios lean towards the '
-                       'parameter ratios.'
-                       if not args.quick else 'quick: tiny_resnet50.',
-        'rows': rows}
+    if torch_rows:
+      result['torch'] = torch_rows
+      result['environment']['torch'] = torch_rows[0]['torch_version']
   if 'impl' in sections:
     log('section impl: vmap vs loop')
     impl_timing = dict(timing, warmup=1, min_steps=2, max_steps=2)
@@ -825,43 +1119,152 @@ def main(argv=None):
         functools.partial(cifar, **({'batch': impl_batch} if impl_batch else {})),
         ('h4_hierarchical',), impl_timing, impl_timing, loop_steps=reuse,
         log=log)
-    result['impl_description'] = (
-        'ResNet-32 at the batch of the CIFAR section (the loop row is that '
-        'section\'s compiled step, timed again here), both implementations '
-        'on the same stacked parameters; 1 warm-up and 2 timed steps each.')
   if 'pipeline' in sections:
     log('section pipeline')
     single = result['graphs']['CIFAR ResNet-32']['rows'][0]
     result['pipeline'] = run_pipeline(
         single['batch'], pipeline_steps, single['images_per_s'], log=log)
+  contention_steps = {'single': kept_steps.get('single'),
+                      'h4_hierarchical': kept_steps.get('h4_hierarchical')}
   if 'options' in sections:
     log('section options')
-    result['options'] = run_options(kept_steps, option_variants, timing, b2b,
-                                    log=log)
-    del kept_steps
-    result['options_description'] = (
-        'ResNet-32 at batch 128; each graph\'s variants are compiled and then '
-        'timed round-robin with its baseline (3 rounds; time ratio = median '
-        'over rounds), against the first row (what every other section '
-        'runs: float32, one device, `models.compiler_options(platform)`). "before: XLA '
-        'default": compiled without those options, so XLA:CPU drops the '
-        'optimisation barriers after residual blocks (`layers.materialize`) '
-        'and recomputes the chain of earlier blocks inside the backward '
-        'transposes: the code as it was before this benchmark. bfloat16: '
-        '`config.model.dtype="bfloat16"` (parameters stay float32). remat: '
-        '`HeadTree(remat=True)`, every stage rematerialised (config key '
-        '`model.remat`, once train.create_model passes it). '
-        f'{args.cpu_devices} CPU devices: the batch sharded over '
-        f'`jax_num_cpu_devices={args.cpu_devices}` devices on the same '
-        'cores (data parallelism instead of intra-op threads); its memory '
-        'is per device (each holds the whole state and half the batch).')
+    result['options'], kept_options = run_options(
+        kept_steps, option_variants, timing, b2b,
+        keep=('CPU devices', '2 CPU devices', '1 intra-op thread'), log=log)
+    for (graph, name), step in kept_options.items():
+      if graph == 'single' and 'per device' not in name:
+        contention_steps[f'single, {name}'] = step
+  if 'contention' in sections:
+    log('section contention: one competing busy process')
+    result['contention'] = run_contention(
+        {k: v for k, v in contention_steps.items() if v is not None},
+        contention_timing,
+        torch=(dict(torch_kw, formats=('channels_last',),
+                    threads=sorted({1, os.cpu_count() or 1}), **torch_timing)
+               if torch_kw else None), log=log)
+  if 'profile' in sections:  # opt-in: the recommended single step, traced
+    log('section profile')
+    result['profile'] = profile_step(kept_steps['single'], args.out, log=log)
+  del kept_steps, contention_steps
+  if 'options' in sections:
+    del kept_options
+  for section, make, setting in (
+      ('resnet50', imagenet, 'ImageNet-shaped ResNet-50'),
+      ('resnet50_224', imagenet224, 'ResNet-50 224x224')):
+    if section not in sections:
+      continue
+    log(f'section {section}')
+    remat = section == 'resnet50_224' and args.imagenet224_remat
+    rows, _, _ = run_graphs(setting, make, imagenet_graphs, timing, log=log,
+                            remat=remat)
+    c = make('single')
+    result['graphs'][setting] = {
+        'description': f'ImageNet recipe, {c.model.name}, batch '
+                       f'{c.batch_size} of {c.image_size}x{c.image_size}x3 '
+                       'float32 images (preprocessed, as streamed)' +
+                       (', every stage rematerialised' if remat else '') + '.',
+        'rows': rows}
   result['environment']['load_end'] = list(os.getloadavg())
   result['total_s'] = time.time() - t0
   result['goals'] = _goals(result) if not args.quick else [
       'quick run: settings too small for the goals to mean anything.']
-  write_report(args.out, result)
+  write_report(args.out, 'bench', result)
   log(f'bench: wrote {args.out}/bench.md and bench.json in '
       f'{result["total_s"] / 60:.1f} min; load {os.getloadavg()}')
+  return result
+
+
+def device_slug():
+  kind = jax.devices()[0].device_kind
+  return re.sub(r'[^a-z0-9]+', '_', kind.lower()).strip('_') or 'device'
+
+
+def main_device(args, argv, t0, log):
+  """The accelerator check: ResNet-50 224x224 bfloat16 and CIFAR ResNet-32.
+
+  Parts run in order of importance and are skipped (and listed) when they
+  would start after `--device_budget_s`, so the check ends in time (not
+  with --tiny, a smoke test of every part).
+  """
+  result = {'mode': 'device', 'environment': _environment(argv, None),
+            'graphs': {}, 'skipped': []}
+  slug = device_slug()
+  log(f'bench --device: {result["environment"]["device"]}')
+  graphs = ('single', 'h2_simple', 'h4_hierarchical')
+  if args.quick:
+    timing, rounds = dict(warmup=1, min_steps=2, max_steps=2, budget_s=0), 1
+    r50 = functools.partial(imagenet_config, batch=4, size=32,
+                            network='tiny_resnet50')
+    cifar = functools.partial(cifar_config, batch=8, network='tiny_resnet')
+  else:
+    timing, rounds = dict(warmup=2, min_steps=5, max_steps=30, budget_s=1.5), 2
+    r50 = functools.partial(imagenet_config, batch=args.device_batch, size=224)
+    cifar = cifar_config
+    reserve_s = 45  # about one ResNet-50 compile
+
+  def bf16(make):
+    def config(graph):
+      c = make(graph)
+      c.model.dtype = 'bfloat16'
+      return c
+    return config
+  r50 = bf16(r50)
+
+  def in_budget(part):
+    if args.quick or time.time() - t0 + reserve_s <= args.device_budget_s:
+      return True
+    result['skipped'].append(part)
+    log(f'  skipped {part}: out of time budget')
+    return False
+
+  kept = {}
+  setting = 'ResNet-50 224x224 bfloat16' if not args.quick else 'tiny ResNet-50'
+  if in_budget(setting):
+    log(f'section {setting}')
+    rows, _, kept_r50 = run_graphs(setting, r50, graphs, timing, rounds=rounds,
+                                   keep=('single', 'h4_hierarchical'), log=log)
+    c = r50('single')
+    result['graphs'][setting] = {
+        'description': f'ImageNet recipe, {c.model.name}, batch '
+                       f'{c.batch_size} of {c.image_size}x{c.image_size}x3, '
+                       'bfloat16 compute, float32 parameters.', 'rows': rows}
+    kept.update({('r50', g): s for g, s in kept_r50.items()})
+  if in_budget('CIFAR ResNet-32'):
+    log('section CIFAR ResNet-32')
+    rows, _, kept_cifar = run_graphs('CIFAR ResNet-32', cifar, graphs, timing,
+                                     rounds=rounds, keep=('h4_hierarchical',),
+                                     log=log)
+    result['graphs']['CIFAR ResNet-32'] = {
+        'description': 'CIFAR-10 recipe (float32), batch '
+                       f'{cifar("single").batch_size}.', 'rows': rows}
+    kept.update({('cifar', g): s for g, s in kept_cifar.items()})
+  impl_timing = dict(timing, warmup=1, min_steps=3, max_steps=5)
+  result['impl'] = []
+  for key, make, name in ((('r50', 'h4_hierarchical'), r50, setting),
+                          (('cifar', 'h4_hierarchical'), cifar,
+                           'CIFAR ResNet-32')):
+    if key in kept and in_budget(f'vmap vs loop, {name}'):
+      log(f'section impl: {name}')
+      rows = run_impl(make, ('h4_hierarchical',), impl_timing, impl_timing,
+                      loop_steps={'h4_hierarchical': kept[key]}, log=log)
+      for r in rows:
+        r['setting'] = name
+      result['impl'] += rows
+  result['options'] = []
+  for graph in ('single', 'h4_hierarchical'):
+    key = ('r50', graph)
+    if key in kept and in_budget(f'CPU options, {setting} {graph}'):
+      log(f'section options: CPU options, {graph}')
+      rows, _ = run_options({graph: kept[key]}, {graph: ('CPU options',)},
+                            timing, 0, rounds=rounds, log=log)
+      result['options'] += rows
+  del kept
+  result['environment']['load_end'] = list(os.getloadavg())
+  result['total_s'] = time.time() - t0
+  result['goals'] = []
+  write_report(args.out, f'bench_{slug}', result)
+  log(f'bench --device: wrote {args.out}/bench_{slug}.md and .json in '
+      f'{result["total_s"] / 60:.1f} min')
   return result
 
 

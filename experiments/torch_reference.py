@@ -23,12 +23,13 @@ numbers have an independent yardstick on the same machine:
   fixed random batch of 128 x 3 x 32 x 32 floats and random labels.
 
 torch is imported lazily: this module imports without torch, and `measure`
-raises a clear error if it is missing. On CPU install the wheel that matches
-the benchmark (`pip install torch==2.13.0`, the CPU build).
+raises a clear error if it is missing. The benchmark runs it as a script in
+its own Python 3.11 venv (`make bench` builds `.venv-torch` with the CPU wheel
+`torch==2.13.0`), never imported into the JAX process; it prints JSON.
 
 Usage:
-  python experiments/torch_reference.py --graphs single,h4_hierarchical \
-      --steps 10 --json out.json
+  .venv-torch/bin/python experiments/torch_reference.py \
+      --graphs single,h4_hierarchical --threads 1,2 --steps 10 --json -
 """
 
 import argparse
@@ -36,6 +37,8 @@ import functools
 import json
 import math
 import os
+import platform
+import resource
 import statistics
 import sys
 import time
@@ -285,10 +288,12 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
   for _ in range(warmup):
     step()
   times = []
+  cpu_start = _cpu_s()
   for _ in range(steps):
     start = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - start)
+  cpu_s = _cpu_s() - cpu_start
   step_s = statistics.median(times)
   return {
       'splits': [list(s) for s in splits],
@@ -297,6 +302,9 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
       'memory_format': 'channels_last' if channels_last else 'nchw',
       'step_s': step_s,
       'step_s_min': min(times),
+      'step_times_s': times,
+      # Process CPU time per step: the work, whatever the other load.
+      'cpu_s_per_step': cpu_s / steps,
       'images_per_s': batch / step_s,
       'steps': steps,
       'warmup': warmup,
@@ -309,17 +317,29 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
   }
 
 
+def _cpu_s():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--graphs', default='single,h4_hierarchical',
                  help=f'comma-separated names from {sorted(GRAPHS)}')
   p.add_argument('--formats', default='channels_last,nchw',
                  help=f'comma-separated memory formats from {FORMATS}')
+  p.add_argument('--threads', default=str(os.cpu_count() or 1),
+                 help='comma-separated torch.set_num_threads values')
   p.add_argument('--batch', type=int, default=128)
+  p.add_argument('--depth', type=int, default=32,
+                 help='CIFAR ResNet depth (6n + 2; 8 for smoke tests)')
   p.add_argument('--steps', type=int, default=8)
   p.add_argument('--warmup', type=int, default=3)
-  p.add_argument('--json', default=None, help='write the results here')
+  p.add_argument('--json', default=None,
+                 help='write the results here as JSON ("-": stdout, with the '
+                 'table on stderr)')
   args = p.parse_args(argv)
+  args.threads = [int(t) for t in args.threads.split(',') if t]
   args.graphs = [g for g in args.graphs.split(',') if g]
   args.formats = [f for f in args.formats.split(',') if f]
   for g in args.graphs:
@@ -332,26 +352,34 @@ def _parse_args(argv):
 
 
 def main(argv=None):
+  """Every (format, threads, graph), graphs adjacent; prints a table and JSON."""
   args = _parse_args(sys.argv[1:] if argv is None else argv)
+  table = sys.stderr if args.json == '-' else sys.stdout
   results = []
-  print(f'{"graph":<16} {"format":<14} {"heads":>5} {"params":>9} '
-        f'{"step ms":>9} {"img/s":>8}')
-  for graph in args.graphs:
-    for fmt in args.formats:
-      r = measure(GRAPHS[graph], batch=args.batch,
-                  channels_last=fmt == 'channels_last', steps=args.steps,
-                  warmup=args.warmup)
-      r['graph'] = graph
-      results.append(r)
-      print(f'{graph:<16} {fmt:<14} {r["heads"]:>5} {r["params"]:>9,} '
-            f'{1e3 * r["step_s"]:>9.1f} {r["images_per_s"]:>8.1f}', flush=True)
+  print(f'{"graph":<16} {"format":<14} {"threads":>7} {"heads":>5} '
+        f'{"params":>9} {"step ms":>9} {"img/s":>8}', file=table)
+  for fmt in args.formats:
+    for threads in args.threads:
+      for graph in args.graphs:
+        r = measure(GRAPHS[graph], batch=args.batch, depth=args.depth,
+                    channels_last=fmt == 'channels_last', steps=args.steps,
+                    warmup=args.warmup, num_threads=threads)
+        r['graph'] = graph
+        r['load_1min'] = os.getloadavg()[0]
+        results.append(r)
+        print(f'{graph:<16} {fmt:<14} {threads:>7} {r["heads"]:>5} '
+              f'{r["params"]:>9,} {1e3 * r["step_s"]:>9.1f} '
+              f'{r["images_per_s"]:>8.1f}', file=table, flush=True)
   if results:
-    print(f'torch {results[0]["torch_version"]}, '
-          f'{results[0]["num_threads"]} threads, batch {args.batch}, median of '
-          f'{args.steps} steps after {args.warmup} warm-up')
-  if args.json:
+    print(f'torch {results[0]["torch_version"]}, batch {args.batch}, median '
+          f'of {args.steps} steps after {args.warmup} warm-up', file=table)
+  out = {'results': results, 'python': platform.python_version(),
+         'torch': results[0]['torch_version'] if results else None}
+  if args.json == '-':
+    print(json.dumps(out))
+  elif args.json:
     with open(args.json, 'w') as f:
-      json.dump({'results': results}, f, indent=2)
+      json.dump(out, f, indent=2)
   return results
 
 

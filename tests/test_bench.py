@@ -21,7 +21,9 @@ import bench  # noqa: E402
 
 
 def test_quick_bench_writes_every_section(tmp_path):
-  result = bench.main(['--quick', f'--out={tmp_path}'])
+  result = bench.main(['--quick', f'--out={tmp_path}',
+                       '--sections=graphs,torch,impl,pipeline,options,'
+                       'contention,resnet50'])
   with open(tmp_path / 'bench.json') as f:
     saved = json.load(f)
   report = (tmp_path / 'bench.md').read_text()
@@ -31,14 +33,55 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert rows[0]['time_ratio'] == 1.0 and rows[1]['heads'] == 4
     assert rows[1]['flop_ratio'] > 1.0  # four heads cost more than one
     assert rows[1]['bytes_ratio'] > 1.0 and 'bytes ratio' in report
+    assert rows[0]['cpu_s_per_step'] > 0
     assert section in report
   assert {r['branch_impl'] for r in saved['impl']} == {'loop', 'vmap'}
   assert saved['pipeline']['host']['images_per_s'] > 0
-  assert {r['variant'] for r in saved['options']} >= {'float32', 'bfloat16', 'remat'}
+  variants = {r['variant'] for r in saved['options']}
+  assert {'baseline', 'bfloat16', 'remat', '1 intra-op thread'} <= variants
+  assert any('CPU devices' in v for v in variants)
   assert saved['goals'] and '## Goals' in report
-  if bench.torch_reference.torch_available():
+  ours = [r for r in saved['contention'] if r['who'] == 'ours']
+  assert {r['variant'] for r in ours} >= {'single', 'h4_hierarchical'}
+  assert all(r['slowdown'] > 0 for r in saved['contention'])
+  if bench.torch_python() is not None:  # make bench builds .venv-torch
     assert {r['memory_format'] for r in saved['torch']} == {'channels_last', 'nchw'}
+    assert any(r['who'] == 'PyTorch' for r in saved['contention'])
   assert result['total_s'] > 0
+  # The Markdown is rendered from the JSON alone.
+  (tmp_path / 'bench.md').unlink()
+  bench.main([f'--render={tmp_path / "bench.json"}'])
+  assert (tmp_path / 'bench.md').read_text() == report
+
+
+def test_tiny_device_check_runs_on_cpu(tmp_path):
+  """`make bench-device`'s script, tiny models, 1-2 steps (here on CPU)."""
+  result = bench.main(['--device', '--tiny', f'--out={tmp_path}'])
+  name = f'bench_{bench.device_slug()}'
+  with open(tmp_path / f'{name}.json') as f:
+    saved = json.load(f)
+  assert (tmp_path / f'{name}.md').exists()
+  assert not saved['skipped']
+  for section in ('tiny ResNet-50', 'CIFAR ResNet-32'):
+    rows = saved['graphs'][section]['rows']
+    assert [r['graph'] for r in rows] == ['single', 'h2_simple', 'h4_hierarchical']
+    assert rows[2]['memory_ratio'] > 1.0
+  assert {(r['setting'], r['branch_impl']) for r in saved['impl']} == {
+      (s, i) for s in ('tiny ResNet-50', 'CIFAR ResNet-32') for i in ('loop', 'vmap')}
+  assert {r['variant'] for r in saved['options']} == {'baseline', 'CPU options'}
+  assert result['mode'] == 'device'
+
+
+def test_torch_reference_prints_json():
+  """The PyTorch peer as bench.py runs it: a subprocess in its own venv."""
+  python = bench.torch_python()
+  if python is None:
+    pytest.skip('no .venv-torch (make bench builds it)')
+  out = bench.torch_script(python, ('single', 'h2_simple'), batch=4,
+                           formats=('channels_last',), threads=(1,), steps=1,
+                           warmup=1, depth=8, log=lambda _: None)
+  assert [r['graph'] for r in out['results']] == ['single', 'h2_simple']
+  assert out['results'][1]['heads'] == 2 and out['torch'].startswith('2.13')
 
 
 @pytest.mark.parametrize('impl', ['loop', 'vmap'])

@@ -55,13 +55,39 @@ def materialize(x):
   return jax.lax.optimization_barrier(x)
 
 
-def compiler_options(platform):
-  """XLA compile options under which `materialize` takes effect.
+# XLA:CPU (jaxlib 0.12) runs convolutions, the weight-gradient ones among
+# them, through YNNPACK on one thread; its Eigen convolutions use the
+# intra-op thread pool. YNNPACK stays on for reductions (BatchNorm's, where
+# it is fast). Measured in experiments/results/bench.md (options).
+_CPU_YNN_FUSIONS = ('xla_cpu_experimental_ynn_fusion_type',
+                    'LIBRARY_FUSION_TYPE_REDUCE')
 
-  For `jax.jit(..., compiler_options=...)` of the train step: on CPU, keep
-  optimisation barriers through fusion (XLA's `cse_barrier_expander` pass
-  would remove them). Measured in experiments/results/bench.md.
+
+@functools.lru_cache(maxsize=None)
+def _cpu_knows(name, value):
+  """Whether this jaxlib's XLA:CPU accepts the debug option `name=value`."""
+  try:
+    jax.jit(lambda x: x + 1, backend='cpu').lower(jnp.zeros(())).compile(
+        compiler_options={name: value})
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
+
+
+def compiler_options(platform):
+  """XLA compile options for the train step on `platform`.
+
+  For `jax.jit(..., compiler_options=...)`. On CPU: keep optimisation
+  barriers through fusion (XLA's `cse_barrier_expander` pass would remove
+  them, and `materialize` would do nothing), and leave convolutions to
+  XLA's multi-threaded Eigen kernels rather than single-threaded YNNPACK
+  (where this jaxlib has the option). Neither changes the maths: the same
+  values, computed in another order (float rounding differs). Measured in
+  experiments/results/bench.md.
   """
   if platform == 'cpu':
-    return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+    options = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+    if _cpu_knows(*_CPU_YNN_FUSIONS):
+      options[_CPU_YNN_FUSIONS[0]] = _CPU_YNN_FUSIONS[1]
+    return options
   return {}
