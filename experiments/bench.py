@@ -19,6 +19,7 @@ its own venv (`--torch_python`, default `.venv-torch/bin/python`).
 import argparse
 import datetime
 import functools
+import importlib.util
 import hashlib
 import json
 import os
@@ -70,8 +71,23 @@ def imagenet_config(graph, batch, size, network='resnet50'):
   return c
 
 
+def vit_config(graph, batch=128, network='vit_tiny'):
+  """`configs/fmnist_vit.py` (the ViT on Fashion-MNIST) for `graph`."""
+  spec = importlib.util.spec_from_file_location(
+      'fmnist_vit', os.path.join(REPO, 'configs', 'fmnist_vit.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(graph)
+  c.batch_size = batch
+  c.model.name = network
+  return c
+
+
 def _setting(config):
   """(image_shape, num_classes, data_stats, image dtype, steps/epoch)."""
+  if config.dataset == 'fashion_mnist_local':  # 28x28x1 uint8; stats only scale
+    return ((28, 28, 1), 10, {'mean': (0.286,), 'std': (0.353,)}, np.uint8,
+            60000 // config.batch_size)
   if config.dataset == 'imagenet2012':
     s = config.image_size
     return ((s, s, 3), 1000, {'mean': input_pipeline.IMAGENET_MEAN,
@@ -969,8 +985,8 @@ def _cpu_model():
 
 
 ALL_SECTIONS = ('graphs', 'torch', 'impl', 'pipeline', 'options', 'contention',
-                'profile', 'resnet50', 'resnet50_224')
-DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention'
+                'vit', 'profile', 'resnet50', 'resnet50_224')
+DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention,vit'
 
 
 def parse_args(argv):
@@ -1142,6 +1158,19 @@ def main(argv=None):
         torch=(dict(torch_kw, formats=('channels_last',),
                     threads=sorted({1, os.cpu_count() or 1}), **torch_timing)
                if torch_kw else None), log=log)
+  if 'vit' in sections:
+    log('section vit: Fashion-MNIST ViT-tiny')
+    vit = functools.partial(vit_config, batch=8 if args.quick else 128,
+                            network='tiny_vit' if args.quick else 'vit_tiny')
+    rows, _, _ = run_graphs('Fashion-MNIST ViT-tiny', vit,
+                            ('single', 'h2_simple', 'h4_hierarchical'),
+                            timing, log=log)
+    c = vit('single')
+    result['graphs']['Fashion-MNIST ViT-tiny'] = {
+        'description': f'configs/fmnist_vit.py, {c.model.name} (3 stages of '
+                       'transformer blocks), batch '
+                       f'{c.batch_size} of 28x28x1 uint8 images, 10 classes.',
+        'rows': rows}
   if 'profile' in sections:  # opt-in: the recommended single step, traced
     log('section profile')
     result['profile'] = profile_step(kept_steps['single'], args.out, log=log)

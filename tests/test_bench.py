@@ -23,7 +23,7 @@ import bench  # noqa: E402
 def test_quick_bench_writes_every_section(tmp_path):
   result = bench.main(['--quick', f'--out={tmp_path}',
                        '--sections=graphs,torch,impl,pipeline,options,'
-                       'contention,resnet50'])
+                       'contention,vit,resnet50'])
   with open(tmp_path / 'bench.json') as f:
     saved = json.load(f)
   report = (tmp_path / 'bench.md').read_text()
@@ -35,6 +35,10 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert rows[1]['bytes_ratio'] > 1.0 and 'bytes ratio' in report
     assert rows[0]['cpu_s_per_step'] > 0
     assert section in report
+  vit = saved['graphs']['Fashion-MNIST ViT-tiny']['rows']
+  assert [r['graph'] for r in vit] == ['single', 'h2_simple', 'h4_hierarchical']
+  assert [r['heads'] for r in vit] == [1, 2, 4] and vit[2]['flop_ratio'] > 1.0
+  assert 'Fashion-MNIST ViT-tiny' in report
   assert {r['branch_impl'] for r in saved['impl']} == {'loop', 'vmap'}
   assert saved['pipeline']['host']['images_per_s'] > 0
   variants = {r['variant'] for r in saved['options']}
