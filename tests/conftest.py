@@ -10,6 +10,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Start the backends now, so that no test (e.g. bench.main, which sets its own
+# device count when it can) changes the count for the tests after it.
+assert len(jax.devices()) == 8
 
 
 @pytest.fixture(scope='session', autouse=True)
