@@ -15,8 +15,8 @@ example has no hard loss and keeps only its consensus term, weighted by
 `unlabeled_weight` instead of `1 - beta`; see `collaborative_head_losses`.
 
 All reductions run in float32 whatever the logits' dtype, and every
-cross-entropy is written with `log_softmax` (never `log(softmax)`), so bfloat16
-logits and saturated heads stay finite.
+cross-entropy is `optax.softmax_cross_entropy` (a `log_softmax`, never
+`log(softmax)`), so bfloat16 logits and saturated heads stay finite.
 """
 
 import math
@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Array = Any
 
@@ -93,8 +94,8 @@ def _check_logits(logits, name='logits'):
 
 def _soft_cross_entropy(targets, logits):
   """Per-example `CE(targets, softmax(logits))` in float32, `[..., C] -> [...]`."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(targets.astype(jnp.float32) * logp, axis=-1)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32),
+                                     targets.astype(jnp.float32))
 
 
 def _batch_weights(mask, batch):
@@ -136,8 +137,7 @@ def smooth_labels(targets, epsilon):
   """Label smoothing (Szegedy et al. 2016): `(1 - eps) * y + eps / C`."""
   if isinstance(epsilon, (int, float)) and not 0.0 <= epsilon < 1.0:
     raise ValueError(f'label smoothing epsilon={epsilon} must be in [0, 1).')
-  num_classes = targets.shape[-1]
-  return (1.0 - epsilon) * targets + epsilon / num_classes
+  return optax.smooth_labels(targets, epsilon)
 
 
 def consensus_targets(logits, temperature, *, stop_gradient=True):
@@ -294,7 +294,8 @@ def distillation_loss(student_logits, teacher_logits, labels, *, beta=0.5,
     mask: optional `[B]` example weights.
 
   Returns:
-    A float32 scalar.
+    dict of float32 scalars, as `collaborative_head_losses` gives per head:
+    `hard` (CE to the labels), `soft` (T^2 * CE to the teacher) and `total`.
   """
   if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
     raise ValueError(
@@ -307,9 +308,10 @@ def distillation_loss(student_logits, teacher_logits, labels, *, beta=0.5,
   teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   q = jax.nn.softmax(teacher / temperature, axis=-1)
   hard = _soft_cross_entropy(targets, student_logits) @ weights
-  soft = _soft_cross_entropy(
-      q, student_logits.astype(jnp.float32) / temperature) @ weights
-  return beta * hard + (1.0 - beta) * temperature**2 * soft
+  soft = temperature**2 * (_soft_cross_entropy(
+      q, student_logits.astype(jnp.float32) / temperature) @ weights)
+  return {'hard': hard, 'soft': soft,
+          'total': beta * hard + (1.0 - beta) * soft}
 
 
 def cross_entropy(logits, labels, *, label_smoothing=0.0,

@@ -5,7 +5,7 @@ recipe functions here and change only what differs, so that every row of the
 paper's tables is trained by the same code with the same recipe.
 
 Recipes (the paper's supplement with its exact recipes is not available, so
-we use the standard published ones, as ../shared/PAPER.md Sec. 6 says):
+we use the standard published ones):
 * CIFAR ResNets: He et al. 2016, Sec. 4.2. SGD momentum 0.9, batch 128,
   lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations, weight decay
   1e-4. On the full 50k training set that is 164 epochs with decays at epochs
@@ -31,6 +31,7 @@ rows (same recipe, different training graph) are.
 import ml_collections
 
 from collab_jax import models
+from collab_jax import paper
 
 
 def base_config():
@@ -44,7 +45,7 @@ def base_config():
   c.subset_seed = 0                # chooses that subset (same for all runs)
   c.label_noise = 0.0              # fraction of training labels corrupted (paper Sec. 3.4)
   c.noise_seed = 0                 # chooses the corrupted set (same for all runs)
-  c.label_noise_draws = 'per_run'  # per_run: noisy labels from (noise_seed, seed, epoch); shared: (noise_seed, epoch), as the first study
+  c.label_noise_draws = 'per_run'  # per_run: noisy labels from (noise_seed, seed, epoch); shared: (noise_seed, epoch), one draw for all runs
   # Semi-supervised (paper's future work; input_pipeline.LabeledSplit, collab_jax/semisup.py).
   c.labeled_per_class = 0          # >0: keep labels of this many examples per class, the rest unlabelled; 0 = all labelled
   #                                  the labelled set is balanced_subset(..., seed=subset_seed): fixed for all runs, and the
@@ -108,17 +109,10 @@ def base_config():
   return c
 
 
-GRAPHS = ('single', 'label_smoothing', 'h2_instances', 'h4_instances',
-          'h2_simple', 'h4_simple', 'h4_hierarchical')
-
-
-def _apply_graph(c, graph):
-  """Topology (and method) of one training graph of the paper's tables."""
-  if graph == 'label_smoothing':
-    c.method = 'label_smoothing'
-    c.model.splits = ()
-  else:
-    c.model.splits = models.paper_splits(c.model.name, graph)
+def apply_graph(c, graph):
+  """Sets the topology and method of training graph `graph` (`paper.GRAPHS`) on `c`."""
+  c.model.splits = models.paper_splits(c.model.name, graph)
+  c.method = paper.GRAPHS[graph].method
   return c
 
 
@@ -142,7 +136,7 @@ def cifar(dataset, network, graph, **overrides):
     if network == 'cifar_resnet110':
       c.warmup_epochs = 1.0
   c.label_smoothing = 0.05  # used by the label_smoothing graph (paper Table 1)
-  _apply_graph(c, graph)
+  apply_graph(c, graph)
   if overrides:
     c.update_from_flattened_dict(overrides)
   return c
@@ -166,11 +160,7 @@ def imagenet(graph, **overrides):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
   c.label_smoothing = 0.1  # used by the label_smoothing graph (paper Table 4)
-  if graph == 'distillation':
-    c.method = 'distillation'
-    c.model.splits = ()
-  else:
-    _apply_graph(c, graph)
+  apply_graph(c, graph)
   if overrides:
     c.update_from_flattened_dict(overrides)
   return c
@@ -185,9 +175,7 @@ def fashion_mnist_study(graph):
   fixed, class-balanced 1,000-image training subset, no augmentation, 100
   epochs (700 steps of 128) with a cosine schedule; the test set is always the
   whole 10k. experiments/README.md records the pilots behind this choice.
-  Every graph of the paper's tables is available by name (`single`,
-  `label_smoothing`, `h2_instances`, `h4_instances`, `h2_simple`, `h4_simple`,
-  `h4_hierarchical`).
+  `graph` names any graph of `collab_jax.paper.GRAPHS`.
   """
   c = base_config()
   c.model.kwargs = ml_collections.ConfigDict({'width': 16})
@@ -198,7 +186,7 @@ def fashion_mnist_study(graph):
   c.log_every_steps = 70
   c.checkpoint_every_steps = 140
   c.label_smoothing = 0.05
-  return _apply_graph(c, graph)
+  return apply_graph(c, graph)
 
 
 SEMISUP_ROWS = ('supervised_single', 'supervised_h4_hierarchical',
@@ -207,7 +195,7 @@ SEMISUP_ROWS = ('supervised_single', 'supervised_h4_hierarchical',
 
 
 def fashion_mnist_semisup(row):
-  """Semi-supervised Fashion-MNIST (issue #17): 100 labels per class, 59k unlabelled.
+  """Semi-supervised Fashion-MNIST: 100 labels per class, 59k unlabelled.
 
   The study's recipe (`fashion_mnist_study`: ResNet-8 width 16, no
   augmentation, batch 128, 700 steps, cosine lr 0.1) with 1,000 labelled

@@ -1,4 +1,6 @@
-"""CIFAR-100 ResNet-32, 2 instances, alternating optimisation (Deep Mutual Learning): paper Table 2. Paper: head 1 29.25, head 2 28.81 % test error.
+"""CIFAR-100 ResNet-32, alternating (DML), T = 1: paper Table 2, columns
+"head 1 in two instances" / "head 2 in two instances".
+Paper: 29.25 / 28.81 % test error.
 The alternating row updates the heads one after another with their own
 optimizer states (Zhang et al. 2017); DML uses T = 1. Our recipe is He et
 al.'s CIFAR-10 one; compare rows, not the paper's absolute numbers.

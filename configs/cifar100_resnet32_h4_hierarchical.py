@@ -1,4 +1,5 @@
-"""CIFAR-100 ResNet-32, 4 heads, hierarchical ILR sharing (not in Table 2): paper Table 2. Paper: not reported % test error.
+"""CIFAR-100 ResNet-32, 4 heads, hierarchical ILR sharing: a row the paper does
+not report.
 The alternating row updates the heads one after another with their own
 optimizer states (Zhang et al. 2017); DML uses T = 1. Our recipe is He et
 al.'s CIFAR-10 one; compare rows, not the paper's absolute numbers.

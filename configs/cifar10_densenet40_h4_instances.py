@@ -1,5 +1,6 @@
-"""CIFAR-10 DenseNet-40-12, 4 instances (nothing shared): paper Table 1, row
-"4 instances (nothing shared)", column DenseNet-40-12. Paper: 5.00 +- 0.05 % test error.
+"""CIFAR-10 DenseNet-40-12, 4 instances: paper Table 1, column
+"DenseNet-40-12".
+Paper: 5.00 +- 0.05 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 5.24 % (Huang et al. 2017, Table 2, C10+) for the single network. Where that is
 above the paper's baseline, the paper's supplement used another recipe, so

@@ -1,5 +1,6 @@
-"""CIFAR-10 DenseNet-40-12, label smoothing: paper Table 1, row
-"label smoothing", column DenseNet-40-12. Paper: 5.40 +- 0.04 % test error.
+"""CIFAR-10 DenseNet-40-12, label smoothing (0.05): paper Table 1, column
+"DenseNet-40-12".
+Paper: 5.40 +- 0.04 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 5.24 % (Huang et al. 2017, Table 2, C10+) for the single network. Where that is
 above the paper's baseline, the paper's supplement used another recipe, so

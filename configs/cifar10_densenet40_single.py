@@ -1,5 +1,6 @@
-"""CIFAR-10 DenseNet-40-12, single instance (individual training): paper Table 1, row
-"single instance (individual training)", column DenseNet-40-12. Paper: 5.26 +- 0.08 % test error.
+"""CIFAR-10 DenseNet-40-12, single instance: paper Table 1, column
+"DenseNet-40-12".
+Paper: 5.26 +- 0.08 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 5.24 % (Huang et al. 2017, Table 2, C10+) for the single network. Where that is
 above the paper's baseline, the paper's supplement used another recipe, so

@@ -1,5 +1,5 @@
-"""CIFAR-10 ResNet-110, 2 instances (nothing shared): paper Table 1, row
-"2 instances (nothing shared)", column ResNet-110. Paper: 5.21 +- 0.14 % test error.
+"""CIFAR-10 ResNet-110, 2 instances: paper Table 1, column "ResNet-110".
+Paper: 5.21 +- 0.14 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 6.61 +- 0.16 % over 5 runs (He et al. 2016, Table 6) for the single network. Where that is
 above the paper's baseline, the paper's supplement used another recipe, so

@@ -1,4 +1,5 @@
-"""CIFAR-10 ResNet-32, 4 heads sharing up to block 1, no scaling: paper Table 3.
+"""CIFAR-10 ResNet-32, 4 heads sharing up to block 1, no scaling: paper Table
+3, column "ResNet-32".
 Paper: 6.04 +- 0.17 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 7.51 % (He et al. 2016, Table 6) for the single network. Where that is

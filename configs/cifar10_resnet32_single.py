@@ -1,5 +1,5 @@
-"""CIFAR-10 ResNet-32, single instance (individual training): paper Table 1, row
-"single instance (individual training)", column ResNet-32. Paper: 6.66 +- 0.21 % test error.
+"""CIFAR-10 ResNet-32, single instance: paper Table 1, column "ResNet-32".
+Paper: 6.66 +- 0.21 % test error.
 Our recipe (collab_jax/recipes.py) is published at
 7.51 % (He et al. 2016, Table 6) for the single network. Where that is
 above the paper's baseline, the paper's supplement used another recipe, so

@@ -7,9 +7,9 @@ the argument after ':' names the training graph.
 
   python -m collab_jax.main --config=configs/fmnist_study.py:h4_hierarchical --workdir=runs/x
 
-Graphs: single, label_smoothing, h2_instances, h4_instances, h2_simple,
-h4_simple, h4_hierarchical. Expected runtime on 2 CPU cores: see
-experiments/README.md (wall time of each sweep).
+Graphs: those of `collab_jax.paper.GRAPHS`, e.g. single, label_smoothing,
+h2_simple. Expected runtime on 2 CPU cores: see experiments/README.md (wall
+time of each sweep).
 """
 
 from collab_jax import recipes

@@ -1,11 +1,10 @@
-"""A small Vision Transformer on Fashion-MNIST (issue #17): single vs collaborative heads.
+"""A small Vision Transformer on Fashion-MNIST: single vs collaborative heads.
 
 `vit_tiny` (collab_jax/models/vit.py): 28x28 images in 4x4 patches (49
 tokens), width 64, 6 pre-LayerNorm blocks in 3 stages of 2, mean-pooled
-classifier, 0.30M parameters. The 3-stage split table of the CIFAR networks
-applies: the argument after ':' names the training graph (single,
-h2_instances, h4_instances, h2_simple, h4_simple, h4_hierarchical; default
-h4_hierarchical = splits after block groups 1 and 2).
+classifier, 0.30M parameters. The argument after ':' names a training graph
+of `collab_jax.paper.GRAPHS` with the split points of 3-stage networks
+(default h4_hierarchical = splits after block groups 1 and 2).
 
   python -m collab_jax.main --config=configs/fmnist_vit.py:single --workdir=runs/vit_single
   python -m collab_jax.main --config=configs/fmnist_vit.py:h4_hierarchical --workdir=runs/vit_h4
@@ -22,7 +21,6 @@ the single network); the 4-head tree compiles to 2.33x the single FLOPs.
 
 import ml_collections
 
-from collab_jax import models
 from collab_jax import recipes
 
 
@@ -30,7 +28,6 @@ def get_config(graph='h4_hierarchical'):
   c = recipes.base_config()
   c.model.name = 'vit_tiny'
   c.model.kwargs = ml_collections.ConfigDict()
-  c.model.splits = models.paper_splits(c.model.name, graph)
   c.warmup_epochs = 1.0
   c.num_epochs = 10.0
-  return c
+  return recipes.apply_graph(c, graph)

@@ -1,4 +1,6 @@
-"""ImageNet ResNet-50, distillation from an ensemble of two ResNet-50: paper Table 4. Paper: 22.65 / 6.34 top-1 / top-5 error %.
+"""ImageNet ResNet-50, distillation from an ensemble of two ResNet-50: paper
+Table 4, columns "top-1 error" / "top-5 error".
+Paper: 22.65 / 6.34 % validation error.
 Needs the prepared tfds `imagenet2012` (manual download; pass
 --config.data_dir).
 Two phases, each an ordinary resumable run: phase 1 trains

@@ -1,4 +1,6 @@
-"""ImageNet ResNet-50, 2 instances: paper Table 4. Paper: 22.81 / 6.45 top-1 / top-5 error %.
+"""ImageNet ResNet-50, 2 instances: paper Table 4, columns "top-1 error" /
+"top-5 error".
+Paper: 22.81 / 6.45 % validation error.
 Needs the prepared tfds `imagenet2012` (manual download; pass
 --config.data_dir).
 

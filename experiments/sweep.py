@@ -13,8 +13,9 @@ go to `experiments/results/<sweep>.md` and `.json`.
   python experiments/sweep.py --sweep=fmnist_table1 --aggregate_only
   python experiments/sweep.py --list
 
-The paper's own sweeps (CIFAR-10/100, ImageNet configs) are defined here too
-(`cifar10_table1`, ...); run them on accelerators with the same command.
+The paper's own sweeps (`cifar10_table1_resnet32`, ...: a row per config of
+experiments/make_configs.py, with the paper's number from collab_jax/paper.py)
+are defined here too; run them on accelerators with the same command.
 """
 
 import argparse
@@ -35,6 +36,11 @@ from typing import Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, 'results')
+# The runs are `python -m collab_jax.main` in ROOT: their configs are read
+# here with the same checkout's collab_jax, whatever else is installed.
+sys.path.insert(0, ROOT)
+from collab_jax import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+import make_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,34 +85,29 @@ def _add(sweep):
   SWEEPS[sweep.name] = sweep
 
 
-_add(Sweep('fmnist_table1', 'Table 1 analogue: training graphs', (
-    _fm('single instance', 'single', '6.66 +- 0.21'),
-    _fm('label smoothing (0.05)', 'label_smoothing', '6.83 +- 0.14'),
-    _fm('2 instances', 'h2_instances', '6.19 +- 0.17'),
-    _fm('4 instances', 'h4_instances', '6.16 +- 0.17'),
-    _fm('2 heads, simple ILR sharing', 'h2_simple', '5.97 +- 0.07'),
-    _fm('4 heads, hierarchical ILR sharing', 'h4_hierarchical', '5.86 +- 0.13'),
-)))
+# Each analogue row quotes the paper's number of its row (ResNet-32's column).
+_T1, _T2, _T3 = paper.TABLE1, paper.TABLE2, paper.TABLE3
+_add(Sweep('fmnist_table1', 'Table 1 analogue: training graphs', tuple(
+    _fm(_T1.label(g), g, _T1.text(g, 'ResNet-32')) for g in _T1.rows)))
+_HEADS = _T2.columns[1:]
 _add(Sweep('fmnist_table2', 'Table 2 analogue: alternating vs simultaneous, T = 1 and 2', (
-    _fm('single instance', 'single', '30.52 +- 0.35'),
-    _fm('alternating (DML), T = 1', 'h2_instances', '29.25 / 28.81',
+    _fm(paper.GRAPHS['single'].label, 'single',
+        _T2.text('simultaneous_t1', _T2.columns[0])),
+    _fm(_T2.label('alternating'), 'h2_instances', _T2.text('alternating', *_HEADS),
         method='alternating', temperature=1.0),
-    _fm('simultaneous, T = 1', 'h2_instances', '27.64 +- 0.36 / 27.48 +- 0.37',
-        temperature=1.0),
-    _fm('simultaneous, T = 2', 'h2_instances', '26.32 +- 0.26 / 26.36 +- 0.27',
-        temperature=2.0),
+    _fm(_T2.label('simultaneous_t1'), 'h2_instances',
+        _T2.text('simultaneous_t1', *_HEADS), temperature=1.0),
+    _fm(_T2.label('simultaneous_t2'), 'h2_instances',
+        _T2.text('simultaneous_t2', *_HEADS), temperature=2.0),
 ), show_heads=True))
 _add(Sweep('fmnist_table3', 'Table 3 analogue: 4 heads sharing stage 1, gradient scaling', (
-    _fm('backprop rescaling', 'h4_simple', '5.82 +- 0.08', **{'model.rescale': 'backprop'}),
-    _fm('no scaling', 'h4_simple', '6.04 +- 0.17', **{'model.rescale': 'none'}),
-    _fm('loss scaling (1/4)', 'h4_simple', '6.09 +- 0.24', **{'model.rescale': 'loss'}),
+    *(_fm(_T3.label(m), 'h4_simple', _T3.text(m, 'ResNet-32'), **{'model.rescale': m})
+      for m in _T3.rows),
     # Beyond the paper: the same trees trained on the labels alone (beta = 1,
     # no consensus target), to separate the effect of the gradient scaling on
     # the shared stage from that of collaboration.
-    _fm('backprop rescaling, labels only (beta = 1)', 'h4_simple',
-        **{'model.rescale': 'backprop', 'beta': 1.0}),
-    _fm('no scaling, labels only (beta = 1)', 'h4_simple',
-        **{'model.rescale': 'none', 'beta': 1.0}),
+    *(_fm(f'{_T3.label(m)}, labels only (beta = 1)', 'h4_simple',
+          **{'model.rescale': m, 'beta': 1.0}) for m in ('backprop', 'none')),
 )))
 # Beyond the paper: does a larger learning rate alone give what 'no scaling'
 # gives in Table 3 (there the shared stage's gradient is the sum over 4 heads)?
@@ -115,24 +116,22 @@ _add(Sweep('fmnist_lr_check', 'Learning-rate check: single network at 1x, 2x, 4x
     _fm('single instance, lr 0.2', 'single', learning_rate=0.2),
     _fm('single instance, lr 0.4', 'single', learning_rate=0.4),
 )))
-_FIGURE3 = (('single instance', 'single'), ('2 instances', 'h2_instances'),
-            ('2 heads, simple ILR sharing', 'h2_simple'),
-            ('4 heads, hierarchical ILR sharing', 'h4_hierarchical'))
+_FIGURE3 = ('single', 'h2_instances', 'h2_simple', 'h4_hierarchical')
 _add(Sweep('fmnist_figure3', 'Figure 3 analogue: label noise', tuple(
-    _fm(name, graph) for name, graph in _FIGURE3),
+    _fm(paper.GRAPHS[g].label, g) for g in _FIGURE3),
            seeds=3, noise_levels=(0.0, 0.2, 0.4, 0.6, 0.8)))
-# The first study's protocol: every run drew the same noisy labels (the draws
-# depended on the noise seed and the epoch only). Kept to compare the two.
+# The same with one noisy-label draw shared by every run (the draws depend on
+# the noise seed and the epoch only), to compare the two protocols.
 _add(Sweep('fmnist_figure3_shared_draws',
            'Figure 3 analogue, first protocol: one noisy-label draw shared by all runs',
-           tuple(_fm(name, graph, label_noise_draws='shared')
-                 for name, graph in _FIGURE3),
+           tuple(_fm(paper.GRAPHS[g].label, g, label_noise_draws='shared')
+                 for g in _FIGURE3),
            seeds=3, noise_levels=(0.2, 0.4, 0.6, 0.8)))
 
 # Sensitivity (the paper's supplement, Sec. 6, studies beta, T and the split
 # point of ResNet-32 on CIFAR-10): one factor at a time around the paper's
 # values, on 2 heads with simple ILR sharing, against the single network.
-_SINGLE = _fm('single instance', 'single')
+_SINGLE = _fm(paper.GRAPHS['single'].label, 'single')
 _add(Sweep('fmnist_sensitivity_beta', 'Sensitivity to beta (2 heads, simple ILR sharing)', (
     _SINGLE, *(_fm(f'beta = {b}' + (' (labels only)' if b == 1.0 else ''),
                    'h2_simple', x=b, beta=b) for b in (0.25, 0.5, 0.75, 1.0))),
@@ -148,19 +147,12 @@ _add(Sweep('fmnist_sensitivity_split', 'Sensitivity to the split point (2 heads)
     _fm('split before stage 2', 'h2_simple', x=2, **{'model.splits': ((2, 2),)}),
 ), factor='split point (stage index)'))
 
-# Beyond the paper (its future work, issue #17): semi-supervised collaborative
-# learning. 100 labelled images per class (the study's 1,000-image subset), the
-# other 59,000 training images unlabelled; the same ResNet-8, batch 128 and 700
-# steps in every row (semi-supervised batches: 64 labelled + 64 unlabelled).
-# The two supervised rows are the study's single and 4-head runs (configs
-# identical, so the runs of fmnist_table1 are reused). Cost on 2 CPU cores:
-# a semi-supervised step computes what the supervised step of the same tree
-# computes (same batch, same network), so fmnist_table1's measured run times
-# apply: 2 instances about 340 s, 4-head tree about 260 s a run; Mean Teacher
-# adds the teacher's forward pass to a single network (165 s): about 220 s.
-# The 9 new runs: about 40 min. Pilots (seed 0, each pinned to one core of a
-# machine shared with other jobs, load ~10, so slow): 4-head tree 2.9 s a step,
-# Mean Teacher 1.8 s a step; numbers in experiments/README.md (Still to run).
+# Beyond the paper (its future work): semi-supervised collaborative learning.
+# 100 labelled images per class (the study's 1,000-image subset), the other
+# 59,000 training images unlabelled; the same ResNet-8, batch 128 and 700 steps
+# in every row (semi-supervised batches: 64 labelled + 64 unlabelled). The two
+# supervised rows are the study's single and 4-head runs (configs identical, so
+# the runs of fmnist_table1 are reused).
 SEMISUP = 'configs/fmnist_semisup.py'
 _add(Sweep('fmnist_semisup', 'Semi-supervised: 100 labels per class, 59k unlabelled images', (
     Row('supervised only, single network', f'{SEMISUP}:supervised_single'),
@@ -174,25 +166,24 @@ _add(Sweep('fmnist_semisup', 'Semi-supervised: 100 labels per class, 59k unlabel
 # ---------------------------------------------------------------------------
 # The paper's own sweeps (accelerators).
 
-def _paper_rows(prefix, graphs):
-  return tuple(Row(g, f'configs/{prefix}_{g}.py') for g in graphs)
+def _paper_sweep(name, title, configs, **kwargs):
+  _add(Sweep(name, title, tuple(
+      Row(c.label, f'configs/{c.name}.py', paper=c.paper_text) for c in configs),
+             **kwargs))
 
 
-_T1 = ('single', 'label_smoothing', 'h2_instances', 'h4_instances', 'h2_simple',
-       'h4_hierarchical')
-for _net in ('resnet32', 'resnet110', 'densenet40'):
-  _add(Sweep(f'cifar10_table1_{_net}', f'Table 1, CIFAR-10 {_net}',
-             _paper_rows(f'cifar10_{_net}', _T1), seeds=5))
-_add(Sweep('cifar100_table2', 'Table 2, CIFAR-100 ResNet-32', _paper_rows(
-    'cifar100_resnet32', ('single', 'h2_alternating', 'h2_instances_t1',
-                          'h2_instances')), seeds=5, show_heads=True))
-_add(Sweep('cifar10_table3', 'Table 3, CIFAR-10 ResNet-32, 4 heads simple',
-           _paper_rows('cifar10_resnet32_h4_simple', ('backprop', 'none', 'loss')),
-           seeds=5))
-_add(Sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50', _paper_rows(
-    'imagenet_resnet50', ('single', 'label_smoothing', 'distillation',
-                          'h2_instances', 'h2_simple', 'h4')), seeds=1,
-           show_top5=True))
+_CONFIGS = make_configs.CONFIGS
+for _column, (_, _net) in make_configs.TABLE1_NETWORKS.items():
+  _paper_sweep(f'cifar10_table1_{_net}', f'Table 1, CIFAR-10 {_column}',
+               [c for c in _CONFIGS if c.table is _T1 and c.columns == (_column,)],
+               seeds=5)
+_paper_sweep('cifar100_table2', 'Table 2, CIFAR-100 ResNet-32',
+             [c for c in _CONFIGS if c.table is _T2], seeds=5, show_heads=True)
+_paper_sweep('cifar10_table3', 'Table 3, CIFAR-10 ResNet-32, 4 heads simple',
+             [c for c in _CONFIGS if c.table is _T3], seeds=5)
+_paper_sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50',
+             [c for c in _CONFIGS if c.table is paper.TABLE4], seeds=1,
+             show_top5=True)
 
 
 # ---------------------------------------------------------------------------
@@ -464,7 +455,7 @@ def to_markdown(table):
                             for m, s in c['heads'])
                  if c['heads'] else 'n/a') + ' | '
       times = _run_times(c['runs'])
-      run_time = f'{sum(times) / len(times):.0f}' if times else '-'
+      run_time = f'{statistics.fmean(times):.0f}' if times else '-'
       line += f'{c["paper"] or "-"} | {run_time} |'
       lines.append(line)
   if any(p['n'] for p in table['paired']):

@@ -34,6 +34,7 @@ Usage:
 
 import argparse
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -46,17 +47,21 @@ from typing import Dict, Sequence, Tuple
 
 Splits = Tuple[Tuple[int, int], ...]
 
-# Same names and topologies as the 3-stage table in collab_jax/models/__init__.py
-# (kept literal so this script never imports jax).
-GRAPHS: Dict[str, Splits] = {
-    'single': (),
-    'h2_instances': ((0, 2),),
-    'h4_instances': ((0, 4),),
-    'h2_simple': ((1, 2),),
-    'h4_simple': ((1, 4),),
-    'h4_hierarchical': ((1, 2), (2, 2)),
-}
 NUM_STAGES = 3
+
+
+def _load_paper():
+  """collab_jax/paper.py by its path: importing the package would import jax."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'collab_jax', 'paper.py')
+  spec = importlib.util.spec_from_file_location('collab_jax_paper', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_PAPER = _load_paper()
+GRAPHS: Dict[str, Splits] = {g: _PAPER.splits(g, NUM_STAGES) for g in _PAPER.TOPOLOGIES}
 FORMATS = ('channels_last', 'nchw')
 
 

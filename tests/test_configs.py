@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,17 @@ def test_every_table_row_has_a_config():
   assert {f'imagenet_resnet50_{r}' for r in ('single', 'label_smoothing', 'distillation',
                                              'h2_instances', 'h2_simple', 'h4')} <= names
   assert 'default' in names
+
+
+def test_configs_are_what_make_configs_writes():
+  # The paper's numbers in the docstrings come from collab_jax/paper.py.
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import make_configs  # pylint: disable=g-import-not-at-top
+  assert make_configs.CONFIGS
+  for config in make_configs.CONFIGS:
+    with open(os.path.join(REPO, 'configs', f'{config.name}.py')) as f:
+      assert f.read() == make_configs.render(config), (
+          f'configs/{config.name}.py is stale: run python experiments/make_configs.py')
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.basename(p)[:-3])

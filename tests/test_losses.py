@@ -130,10 +130,13 @@ def test_distillation_loss_matches_numpy_and_freezes_teacher():
   y = np.eye(5)[labels]
   hard = -(y * _np_log_softmax(s)).sum(-1).mean()
   soft = -(_np_softmax(t / 2) * _np_log_softmax(s / 2)).sum(-1).mean()
+  parts = collab_jax.distillation_loss(jnp.asarray(s), jnp.asarray(t), labels,
+                                      beta=0.5, temperature=2.0)
+  np.testing.assert_allclose(parts['hard'], hard, rtol=1e-5)
+  np.testing.assert_allclose(parts['soft'], 4 * soft, rtol=1e-5)
+  np.testing.assert_allclose(parts['total'], 0.5 * hard + 0.5 * 4 * soft, rtol=1e-5)
   fn = lambda s_, t_: collab_jax.distillation_loss(s_, t_, labels, beta=0.5,
-                                                   temperature=2.0)
-  np.testing.assert_allclose(fn(jnp.asarray(s), jnp.asarray(t)),
-                             0.5 * hard + 0.5 * 4 * soft, rtol=1e-5)
+                                                   temperature=2.0)['total']
   g_teacher = jax.grad(fn, argnums=1)(jnp.asarray(s), jnp.asarray(t))
   np.testing.assert_array_equal(g_teacher, 0.0)
 

@@ -112,10 +112,10 @@ def test_distillation_teacher_frozen_and_loss_uses_ensemble_logits(data_dir):
                            images, train=True, mutable=['batch_stats'])
   ensemble = jnp.mean(teacher_model.apply(teacher_vars, images), axis=0)
   want = losses.distillation_loss(student[0], ensemble, batch['label'],
-                                  beta=config.beta, temperature=config.temperature)
+                                  beta=config.beta, temperature=config.temperature)['total']
   np.testing.assert_allclose(metrics['loss'][0], want, rtol=1e-5)
   one_teacher = teacher_model.apply(teacher_vars, images)[0]
-  other = losses.distillation_loss(student[0], one_teacher, batch['label'])
+  other = losses.distillation_loss(student[0], one_teacher, batch['label'])['total']
   assert not np.isclose(other, want)
   assert int(new_state.step) == 1
 

@@ -9,6 +9,7 @@ import pytest
 
 import collab_jax
 from collab_jax import models
+from collab_jax import paper
 
 
 def _params(name, num_classes, shape):
@@ -40,6 +41,17 @@ def test_stage_counts_and_paper_splits(name, stages):
   for graph in ('single', 'h2_instances', 'h4_instances', 'h2_simple', 'h4_hierarchical'):
     collab_jax.validate_splits(models.paper_splits(name, graph), stages)
   assert models.paper_splits('resnet50', 'h4_hierarchical') == ((2, 2), (3, 2))
+
+
+def test_paper_splits_of_every_graph_and_bad_names():
+  assert models.paper_splits('cifar_resnet32', 'h4_simple') == ((1, 4),)
+  assert models.paper_splits('tiny_resnet50', 'h2_simple') == ((2, 2),)
+  for graph in ('single', 'label_smoothing', 'distillation'):
+    assert models.paper_splits('resnet50', graph) == ()
+  with pytest.raises(ValueError, match="unknown training graph 'h3'"):
+    models.paper_splits('cifar_resnet32', 'h3')
+  with pytest.raises(ValueError, match='3 or 4 stages, not 5'):
+    paper.splits('h2_simple', 5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -1,4 +1,4 @@
-"""Networks written as lists of stages, and their paper split points.
+"""Networks written as lists of stages, and the paper's split points on them.
 
 `get_stages(name, num_classes, **kwargs)` returns a tuple of stage factories
 for `collab_jax.heads.HeadTree`. Adding a network means writing a function that
@@ -9,6 +9,7 @@ import functools
 
 import jax.numpy as jnp
 
+from collab_jax import paper
 from collab_jax.models.cifar_resnet import cifar_resnet
 from collab_jax.models.densenet import densenet
 from collab_jax.models.imagenet_resnet import imagenet_resnet
@@ -32,23 +33,10 @@ NETWORKS = {
                                   mlp_dim=16),
 }
 
-# The paper's split points (Sec. 4): CIFAR networks split after block 1 and 2;
-# ResNet-50 after conv3_x and conv4_x. The 3-stage ViTs reuse the CIFAR table
-# (split after block group 1, and after groups 1 and 2).
-_THREE_STAGE = {'single': (), 'h2_instances': ((0, 2),),
-                'h4_instances': ((0, 4),), 'h2_simple': ((1, 2),),
-                'h4_simple': ((1, 4),), 'h4_hierarchical': ((1, 2), (2, 2))}
-_FOUR_STAGE = {'single': (), 'h2_instances': ((0, 2),),
-               'h4_instances': ((0, 4),), 'h2_simple': ((2, 2),),
-               'h4_simple': ((2, 4),), 'h4_hierarchical': ((2, 2), (3, 2))}
-
 
 def paper_splits(name: str, graph: str):
-  """The split topology of training graph `graph` on network `name`."""
-  table = _FOUR_STAGE if 'resnet50' in name or 'resnet18' in name else _THREE_STAGE
-  if graph not in table:
-    raise ValueError(f'unknown training graph {graph!r}; known: {sorted(table)}')
-  return table[graph]
+  """The split topology of training graph `graph` on network `name` (by its stage count)."""
+  return paper.splits(graph, len(get_stages(name, 1)))
 
 
 def get_stages(name: str, num_classes: int, *, dtype=jnp.float32, **kwargs):
