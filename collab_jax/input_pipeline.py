@@ -493,9 +493,7 @@ class LabelNoise:
         None shares one draw sequence between all runs.
     """
     if not 0.0 <= level < 1.0:
-      raise ValueError(
-          f'label noise level must be in [0, 1), got {level}: set '
-          '--config.label_noise to a fraction such as 0.2.')
+      raise ValueError(f'level={level} must be a fraction in [0, 1), e.g. 0.2.')
     self.num_examples = int(num_examples)
     self.num_classes = int(num_classes)
     self.level = float(level)
