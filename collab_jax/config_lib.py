@@ -2,7 +2,7 @@
 
 Each value is checked once, where it is used: the model (`get_stages`,
 `HeadTree`), the learning-rate schedule and optimizer (`steps`), the loss
-(`losses`) and the label noise (`input_pipeline.LabelNoise`) check their own
+(`losses`) and the label noise (`sampling.LabelNoise`) check their own
 arguments. `validate_config` builds them all abstractly, so that their errors
 come before any work and name the config key, and checks here only what no
 single component sees: values that must go into strict JSON, seeds that
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from collab_jax import data as data_lib
 from collab_jax import errors
-from collab_jax import input_pipeline
 from collab_jax import losses
+from collab_jax import sampling
 from collab_jax import semisup
 from collab_jax import steps
 
@@ -80,7 +80,7 @@ def validate_config(config):
   with errors.config_keys('label_smoothing'):
     losses.smooth_labels(jnp.zeros((1, 2)), config.label_smoothing)
   with errors.config_keys('label_noise', level='label_noise'):
-    input_pipeline.LabelNoise(1, 2, config.label_noise, config.noise_seed)
+    sampling.LabelNoise(1, 2, config.label_noise, config.noise_seed)
 
 
 def _check_bookkeeping(config):

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 
 from collab_jax import errors
+from collab_jax import imagenet
 from collab_jax import input_pipeline
+from collab_jax import sampling
 
 STREAMING_DATASETS = ('imagenet2012',)
 DATASETS = input_pipeline.KNOWN_DATASETS + STREAMING_DATASETS
@@ -53,12 +55,12 @@ def create_data_source(config):
 def _stream(config):
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   data_dir = config.data_dir or None
-  num_train = input_pipeline.num_examples(config.dataset, 'train', data_dir)
+  num_train = imagenet.num_examples(config.dataset, 'train', data_dir)
   with errors.config_keys('batch_size', global_batch='batch_size'):
-    per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+    per_epoch = sampling.steps_per_epoch(num_train, config.batch_size)
 
   def iterator(split, batch, start_step=0):
-    return input_pipeline.imagenet_iterator(
+    return imagenet.imagenet_iterator(
         split, global_batch=batch, process_index=p_idx, process_count=p_cnt,
         seed=config.seed, image_size=config.image_size, data_dir=data_dir,
         start_step=start_step)
@@ -66,7 +68,7 @@ def _stream(config):
   return DataSource(
       num_train, 1000,  # imagenet2012 classes
       (config.image_size, config.image_size, 3),
-      {'mean': input_pipeline.IMAGENET_MEAN, 'std': input_pipeline.IMAGENET_STD},
+      {'mean': imagenet.IMAGENET_MEAN, 'std': imagenet.IMAGENET_STD},
       per_epoch,
       lambda start: iterator('train', config.batch_size, start),
       lambda: iterator('validation', config.eval_batch_size))
@@ -82,28 +84,28 @@ def _in_memory(config):
         f'{config.dataset}: test images are {ds.test_images.shape[1:]} but '
         f'training images are {ds.image_shape}; both splits must have one shape.')
   with errors.config_keys('batch_size', global_batch='batch_size'):
-    per_epoch = input_pipeline.steps_per_epoch(ds.num_train, config.batch_size)
+    per_epoch = sampling.steps_per_epoch(ds.num_train, config.batch_size)
   with errors.config_keys('label_noise', level='label_noise'):
-    noise = input_pipeline.LabelNoise(
+    noise = sampling.LabelNoise(
         ds.num_train, ds.num_classes, config.label_noise, config.noise_seed,
         run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
   split = None
   if config.get('labeled_per_class', 0):  # semi-supervised: see LabeledSplit
     with errors.config_keys('labeled_per_class'):
-      split = input_pipeline.LabeledSplit(
+      split = sampling.LabeledSplit(
           ds.train_labels, config.labeled_per_class, ds.num_classes,
           seed=config.subset_seed, global_batch=config.batch_size,
           labeled_fraction=config.labeled_fraction_per_batch)
 
   def batch(step):
     if split is None:
-      idx = input_pipeline.train_indices(step, num_examples=ds.num_train,
+      idx = sampling.train_indices(step, num_examples=ds.num_train,
                                          global_batch=config.batch_size,
                                          seed=config.seed)
     else:
       idx, labeled = split.indices(step, run_seed=config.seed)
-      labeled = input_pipeline.process_slice(labeled, p_idx, p_cnt)
-    idx = input_pipeline.process_slice(idx, p_idx, p_cnt)
+      labeled = sampling.process_slice(labeled, p_idx, p_cnt)
+    idx = sampling.process_slice(idx, p_idx, p_cnt)
     labels = noise.labels(idx, ds.train_labels[idx], step // per_epoch)
     if split is None:
       return {'image': ds.train_images[idx], 'label': labels}
@@ -114,7 +116,7 @@ def _in_memory(config):
   def eval_batches():
     for b in input_pipeline.eval_batches(ds.test_images, ds.test_labels,
                                          config.eval_batch_size):
-      yield {k: input_pipeline.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
+      yield {k: sampling.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
 
   return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
                     {'mean': ds.mean, 'std': ds.std}, per_epoch,

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from collab_jax import augment
 from collab_jax import errors
 from collab_jax import heads as heads_lib
-from collab_jax import input_pipeline
 from collab_jax import losses
 from collab_jax import models
 from collab_jax import semisup
@@ -164,16 +164,6 @@ def create_train_state(rng, config, model, image_shape, tx):
 # Steps.
 
 
-def preprocess(rng, images, config, data_stats, train):
-  """uint8 images -> augmented (train) and normalised float images."""
-  if images.dtype != jnp.uint8:  # streamed data arrives preprocessed
-    return images.astype(jnp.float32)
-  if train and config.augment:
-    images = input_pipeline.augment(rng, images, pad=config.augment_pad,
-                                    flip=config.augment_flip)
-  return input_pipeline.normalize(images, data_stats['mean'], data_stats['std'])
-
-
 def _pair(total, count):
   return jnp.stack([jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)])
 
@@ -271,7 +261,7 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
     The new state and a dict of (sum, count) metric pairs.
   """
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  images = preprocess(rng, batch['image'], config, data_stats, train=True)
+  images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
   labels = batch['label']
   scale = heads_lib.loss_scale(config.model.rescale, model.num_heads)
   teacher_logits = None
@@ -282,7 +272,7 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
   weight = (unlabeled_weight_fn(state.step) if unlabeled_weight_fn
             else config.get('unlabeled_weight', 1.0))
   if config.method == 'mean_teacher':  # train mode, its own augmentation
-    teacher_images = preprocess(jax.random.fold_in(rng, 1), batch['image'],
+    teacher_images = augment.preprocess(jax.random.fold_in(rng, 1), batch['image'],
                                 config, data_stats, train=True)
     teacher_logits = jax.lax.stop_gradient(model.apply(
         {'params': semisup.teacher_params(state.opt_state),
@@ -322,11 +312,11 @@ def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
   """
   del teacher_vars
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  images = preprocess(rng, batch['image'], config, data_stats, train=True)
+  images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
   labels = batch['label']
   params, batch_stats, opt_state = state.params, state.batch_stats, state.opt_state
   every_head_finite = jnp.array(True)
-  hard, soft, total = [], [], []
+  terms = {'hard': [], 'soft': [], 'total': []}  # of head h, from its own update
   logits = None
   for h in range(model.num_heads):
     def loss_fn(head_params, h=h):
@@ -355,11 +345,9 @@ def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
     if batch_stats:
       batch_stats = {**batch_stats, 'level_1': put(batch_stats['level_1'],
                                                    head_stats)}
-    hard.append(parts['hard'][h])
-    soft.append(parts['soft'][h])
-    total.append(parts['total'][h])
-  parts = {'hard': jnp.stack(hard), 'soft': jnp.stack(soft),
-           'total': jnp.stack(total)}
+    for k, v in terms.items():
+      v.append(parts[k][h])
+  parts = {k: jnp.stack(v) for k, v in terms.items()}
   loss = jnp.sum(parts['total'])
   skipped = jnp.logical_not(every_head_finite).astype(jnp.int32)
   new_state = state.replace(
@@ -376,7 +364,7 @@ def eval_step(state, batch, teacher_vars=None, *, model, config, data_stats,
               teacher_apply=None):
   """Test metrics as (sum, count) pairs: every head, the ensemble of heads,
   and (distillation) the ensemble of teachers."""
-  images = preprocess(None, batch['image'], config, data_stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, data_stats, train=False)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        images, train=False)
   labels, mask = batch['label'], batch['mask']

@@ -36,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from collab_jax import augment
 from collab_jax import heads as heads_lib
-from collab_jax import input_pipeline
+from collab_jax import imagenet
 from collab_jax import logging_utils
 from collab_jax import models
 from collab_jax import recipes
+from collab_jax import sampling
 from collab_jax import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,8 +93,8 @@ def _setting(config):
             60000 // config.batch_size)
   if config.dataset == 'imagenet2012':
     s = config.image_size
-    return ((s, s, 3), 1000, {'mean': input_pipeline.IMAGENET_MEAN,
-                              'std': input_pipeline.IMAGENET_STD},
+    return ((s, s, 3), 1000, {'mean': imagenet.IMAGENET_MEAN,
+                              'std': imagenet.IMAGENET_STD},
             np.float32, 1281167 // config.batch_size)
   return ((32, 32, 3), 10, {'mean': CIFAR10_MEAN, 'std': CIFAR10_STD},
           np.uint8, 50000 // config.batch_size)
@@ -429,15 +431,15 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, num).astype(np.int32)
-  noise = input_pipeline.LabelNoise(num, 10, 0.2, seed=0)
-  per_epoch = input_pipeline.steps_per_epoch(num, batch)
+  noise = sampling.LabelNoise(num, 10, 0.2, seed=0)
+  per_epoch = sampling.steps_per_epoch(num, batch)
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = NamedSharding(mesh, P('data'))
 
   def host_batch(step):
     # What data.create_data_source's train_iter + data.to_global do for an
     # in-memory dataset.
-    idx = input_pipeline.train_indices(step, num_examples=num,
+    idx = sampling.train_indices(step, num_examples=num,
                                        global_batch=batch, seed=0)
     local = {'image': images[idx],
              'label': noise.labels(idx, labels[idx], step // per_epoch)}
@@ -455,7 +457,7 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   @jax.jit
   def device_preprocess(step, images):
     rng = jax.random.fold_in(jax.random.key(0), step)
-    return input_pipeline.normalize(input_pipeline.augment(rng, images),
+    return augment.normalize(augment.augment(rng, images),
                                     CIFAR10_MEAN, CIFAR10_STD)
 
   x = host_batch(0)['image']

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import collab_jax
+from collab_jax import augment
 from collab_jax import data as data_lib
 from collab_jax import heads as heads_lib
 from collab_jax import losses
@@ -65,7 +66,7 @@ def test_alternating_updates_heads_in_turn_with_fresh_predictions(data_dir):
                            config=config, data_stats=stats)
   new_state, _ = jax.jit(step)(state, batch)
 
-  images = steps.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   labels = batch['label']
   p0, bs = state.params, state.batch_stats
   slice_ = lambda tree, h: jax.tree.map(lambda a: a[h], tree)
@@ -98,7 +99,7 @@ def test_distillation_teacher_frozen_and_loss_uses_ensemble_logits(data_dir):
   config.model.splits = ()
   _, model, tx, state, stats, batch = _setup(config)
   teacher_model = collab_jax.HeadTree(model.stages, ((0, 2),))
-  images = steps.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   teacher_vars = teacher_model.init(jax.random.key(7), images)
   before = jax.tree.map(np.array, teacher_vars)
   apply = functools.partial(teacher_model.apply, train=False)
@@ -129,7 +130,7 @@ def test_rescaling_ablation_gradient_ratios(data_dir):
     config = testutil.tiny_config(data_dir, augment=False, **{'model.rescale': mode})
     config.model.splits = ((1, heads),)
     _, model, _, state, stats, batch = _setup(config)
-    images = steps.preprocess(None, batch['image'], config, stats, train=False)
+    images = augment.preprocess(None, batch['image'], config, stats, train=False)
     def loss_fn(params):
       logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats},
                               images, train=True, mutable=['batch_stats'])

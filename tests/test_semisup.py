@@ -14,6 +14,7 @@ from collab_jax import data as data_lib
 from collab_jax import errors
 from collab_jax import input_pipeline
 from collab_jax import losses
+from collab_jax import sampling
 from collab_jax import semisup
 from collab_jax import steps
 from collab_jax import train
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _split(labels, per_class=3, **kwargs):
   kwargs = {'seed': 0, 'global_batch': 16, 'labeled_fraction': 0.25, **kwargs}
-  return input_pipeline.LabeledSplit(labels, per_class, 10, **kwargs)
+  return sampling.LabeledSplit(labels, per_class, 10, **kwargs)
 
 
 def test_labeled_subset_fixed_balanced_and_the_supervised_subset():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from collab_jax import augment
 from collab_jax import checkpointing
 from collab_jax import data as data_lib
 from collab_jax import errors
@@ -84,7 +85,7 @@ def test_eval_step_top5_error_matches_numpy(data_dir):
   batch = next(iter(data.eval_batches()))
   metrics = steps.reduce_metrics(steps.eval_step(
       state, batch, model=model, config=config, data_stats=stats))
-  images = steps.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   logits = np.asarray(model.apply(
       {'params': state.params, 'batch_stats': state.batch_stats}, images,
       train=False))
@@ -187,7 +188,7 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
 
 
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
-  tfds = input_pipeline._tfds()
+  tfds = input_pipeline.import_tfds()
   config = testutil.tiny_config('', dataset='cifar10', num_train_steps=2)
   with tfds.testing.mock_data(num_examples=64):
     results = train.train_and_evaluate(config, str(tmp_path / 'cifar'))
