@@ -84,7 +84,10 @@ def validate_config(config):
 
 
 def _check_bookkeeping(config):
-  """The trainer's own keys (logging, checkpoints, evaluation, data sizes)."""
+  """The trainer's own keys (data choice and sizes, logging, checkpoints)."""
+  if config.dataset not in data_lib.DATASETS:  # in memory or streamed
+    _bad('dataset', f'{config.dataset!r} is unknown; choose one of '
+         f'{", ".join(data_lib.DATASETS)}.')
   if config.label_noise_draws not in ('per_run', 'shared'):
     _bad('label_noise_draws', f'{config.label_noise_draws!r} is not per_run or '
          'shared.')

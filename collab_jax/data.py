@@ -44,9 +44,6 @@ def create_data_source(config):
   In-memory datasets are read here; a stream opens when `train_iter` is
   called, at the step the run starts from.
   """
-  if config.dataset not in DATASETS:
-    raise errors.ConfigError(f'config.dataset: {config.dataset!r} is unknown; '
-                             f'choose one of {", ".join(DATASETS)}.')
   if config.dataset in STREAMING_DATASETS:
     return _stream(config)
   return _in_memory(config)
@@ -91,7 +88,9 @@ def _in_memory(config):
         run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
   split = None
   if config.get('labeled_per_class', 0):  # semi-supervised: see LabeledSplit
-    with errors.config_keys('labeled_per_class'):
+    with errors.config_keys(
+        'labeled_per_class', labeled_per_class='labeled_per_class',
+        labeled_fraction_per_batch='labeled_fraction_per_batch'):
       split = sampling.LabeledSplit(
           ds.train_labels, config.labeled_per_class, ds.num_classes,
           seed=config.subset_seed, global_batch=config.batch_size,
