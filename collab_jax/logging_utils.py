@@ -1,11 +1,19 @@
-"""Run logs: JSON lines, TensorBoard event files and a console progress line."""
+"""Run logs: JSON lines, TensorBoard event files, the console, run facts."""
 
+import importlib.metadata
 import json
 import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+
+def console(message):
+  """A line for the person running the trainer: stdout, process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 class MetricWriter:
@@ -118,3 +126,48 @@ def write_json_atomic(path, obj):
     if os.path.exists(tmp):  # e.g. a full disk: leave no half-written file
       os.remove(tmp)
     raise
+
+
+# ----------------------------------------------------------------------------
+# What a run records about itself (run_info.json, results.json).
+
+
+def versions():
+  """Versions of Python and the libraries that computed a run."""
+  out = {'python': sys.version.split()[0]}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy',
+               'tensorflow', 'tensorflow-cpu', 'tensorflow-datasets'):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def peak_memory_bytes():
+  """Peak memory of the first local device, where the backend reports it."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def compiled_stats(compiled):
+  """FLOPs and memory of a compiled step, where the backend reports them."""
+  out = {}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and 'flops' in cost:
+      out['flops_per_step'] = float(cost['flops'])
+    if cost and 'bytes accessed' in cost:
+      out['bytes_accessed_per_step'] = float(cost['bytes accessed'])
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      for k in ('temp_size_in_bytes', 'argument_size_in_bytes',
+                'output_size_in_bytes', 'generated_code_size_in_bytes'):
+        out[k] = int(getattr(mem, k, 0))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out

@@ -204,6 +204,7 @@ def main(argv):
     _fail('--workdir is empty; name a directory.')
   config = load_config()
   # Import late so that --help answers without loading TensorFlow or JAX backends.
+  from collab_jax import errors  # pylint: disable=g-import-not-at-top
   from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from collab_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
@@ -213,7 +214,7 @@ def main(argv):
       if not train.train_teachers(config, FLAGS.workdir):
         return
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.ConfigError, train.WorkdirError, train.NonFiniteError,
+  except (errors.ConfigError, errors.WorkdirError, errors.NonFiniteError,
           input_pipeline.DatasetError) as e:
     _fail(e)
   except KeyboardInterrupt:  # Ctrl-C twice in the training loop

@@ -1,7 +1,7 @@
 """Training-step benchmark: time, memory and FLOPs of every training graph.
 
-Times the real `collab_jax.train.train_step`, jitted over a device mesh with
-the state donated as `train.train_and_evaluate` does, and writes
+Times the real train step, compiled by `collab_jax.steps.make_train_step`
+as `train.train_and_evaluate` compiles it, and writes
 `<out>/bench.json` and `bench.md` rendered from it. What each section and
 option measures, and how to read the tables: experiments/README.md,
 "Benchmark".
@@ -36,12 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from collab_jax import augment
 from collab_jax import heads as heads_lib
-from collab_jax import input_pipeline
+from collab_jax import imagenet
+from collab_jax import logging_utils
 from collab_jax import models
 from collab_jax import paper
 from collab_jax import recipes
-from collab_jax import train
+from collab_jax import sampling
+from collab_jax import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -93,8 +96,8 @@ def _setting(config):
             60000 // config.batch_size)
   if config.dataset == 'imagenet2012':
     s = config.image_size
-    return ((s, s, 3), 1000, {'mean': input_pipeline.IMAGENET_MEAN,
-                              'std': input_pipeline.IMAGENET_STD},
+    return ((s, s, 3), 1000, {'mean': imagenet.IMAGENET_MEAN,
+                              'std': imagenet.IMAGENET_STD},
             np.float32, 1281167 // config.batch_size)
   return ((32, 32, 3), 10, {'mean': CIFAR10_MEAN, 'std': CIFAR10_STD},
           np.uint8, 50000 // config.batch_size)
@@ -116,11 +119,7 @@ def _synthetic_batch(config, image_shape, num_classes, dtype, seed=0):
 
 
 class Step:
-  """`train.train_step` of `config`, compiled on `devices` with donation.
-
-  The jit below repeats the one in `train.train_and_evaluate` (shardings,
-  donation, `models.compiler_options`); train.py has no function that returns
-  it (see experiments/README.md, "Benchmark").
+  """The train step of `config` (`steps.make_train_step`) on `devices`.
 
   `compiler_options`: None for what this repository recommends
   (`models.compiler_options(platform)`); `extra_options` are added to them.
@@ -138,30 +137,26 @@ class Step:
     self.compiler_options = compiler_options
     self.num_devices = len(devices)
     image_shape, num_classes, stats, dtype, per_epoch = _setting(config)
-    model = train.create_model(config, num_classes)
+    model = steps.create_model(config, num_classes)
     if remat:
       model = model.clone(remat=True)
     self.model = model
-    lr_fn = train.create_learning_rate_fn(config, per_epoch)
-    tx = train.create_optimizer(config, lr_fn)
+    lr_fn = steps.create_learning_rate_fn(config, per_epoch)
+    tx = steps.create_optimizer(config, lr_fn)
     mesh = Mesh(np.array(devices), ('data',))
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P('data'))
     if like is None:
-      state = train.create_train_state(jax.random.key(config.seed), config,
+      state = steps.create_train_state(jax.random.key(config.seed), config,
                                        model, image_shape, tx)
     else:  # same variables and optimizer: copy `like`'s state, skip init
       state = jax.tree.map(jnp.copy, like.state)
     self.state = jax.device_put(state, replicated)
     batch = _synthetic_batch(config, image_shape, num_classes, dtype)
     self.batch = jax.device_put(batch, data_sharding)
-    stats = {k: tuple(float(x) for x in v) for k, v in stats.items()}
-    jit_train = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, config=config,
-                          data_stats=stats),
-        in_shardings=(replicated, data_sharding, replicated),
-        out_shardings=(replicated, replicated), donate_argnums=(0,),
-        compiler_options=compiler_options or None)
+    jit_train = steps.make_train_step(
+        config, mesh, model=model, tx=tx, data_stats=stats,
+        steps_per_epoch=per_epoch, compiler_options=compiler_options)
     start = time.perf_counter()
     self.compiled = jit_train.lower(self.state, self.batch, {}).compile()
     self.compile_s = time.perf_counter() - start
@@ -219,8 +214,8 @@ def _cpu_s():
 
 
 def program_stats(compiled):
-  """FLOPs (train._compiled_stats), memory, and a hash of the program text."""
-  out = train._compiled_stats(compiled)  # pylint: disable=protected-access
+  """FLOPs (logging_utils.compiled_stats), memory, and a hash of the program text."""
+  out = logging_utils.compiled_stats(compiled)
   try:  # equal hashes: an option did not change the compiled program
     text = re.sub(r'\S*metadata=\{[^}]*\}', '', compiled.as_text())
     out['program_hash'] = hashlib.sha1(text.encode()).hexdigest()[:10]
@@ -439,15 +434,15 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, num).astype(np.int32)
-  noise = input_pipeline.LabelNoise(num, 10, 0.2, seed=0)
-  per_epoch = input_pipeline.steps_per_epoch(num, batch)
+  noise = sampling.LabelNoise(num, 10, 0.2, seed=0)
+  per_epoch = sampling.steps_per_epoch(num, batch)
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = NamedSharding(mesh, P('data'))
 
   def host_batch(step):
-    # What train.create_data_source's train_batch + train_and_evaluate's
-    # to_global do for an in-memory dataset.
-    idx = input_pipeline.train_indices(step, num_examples=num,
+    # What data.create_data_source's train_iter + data.to_global do for an
+    # in-memory dataset.
+    idx = sampling.train_indices(step, num_examples=num,
                                        global_batch=batch, seed=0)
     local = {'image': images[idx],
              'label': noise.labels(idx, labels[idx], step // per_epoch)}
@@ -465,7 +460,7 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   @jax.jit
   def device_preprocess(step, images):
     rng = jax.random.fold_in(jax.random.key(0), step)
-    return input_pipeline.normalize(input_pipeline.augment(rng, images),
+    return augment.normalize(augment.augment(rng, images),
                                     CIFAR10_MEAN, CIFAR10_STD)
 
   x = host_batch(0)['image']

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from collab_jax import train
+from collab_jax import config_lib
+from collab_jax import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -56,8 +57,8 @@ def test_config_loads_and_builds(path):
     doc = f.read()
   assert doc.startswith('"""')
   assert 'python -m collab_jax.main --config=configs/' in doc
-  train.validate_config(config)
-  model = train.create_model(config, NUM_CLASSES[config.dataset])
+  config_lib.validate_config(config)
+  model = steps.create_model(config, NUM_CLASSES[config.dataset])
   size = config.image_size if config.dataset == 'imagenet2012' else (
       28 if 'fashion' in config.dataset else 32)
   channels = 1 if 'fashion' in config.dataset else 3

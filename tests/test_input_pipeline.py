@@ -1,4 +1,4 @@
-"""Tests of collab_jax.input_pipeline (CPU; small data made here, or mocked)."""
+"""Tests of the data modules: input_pipeline, sampling, augment, imagenet (CPU)."""
 
 import gzip
 import os
@@ -13,10 +13,13 @@ try:  # Several fake CPU devices for the sharding test (if JAX is still cold).
 except RuntimeError:
   pass
 
+from collab_jax import augment  # pylint: disable=g-import-not-at-top
+from collab_jax import imagenet  # pylint: disable=g-import-not-at-top
 from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from collab_jax import sampling  # pylint: disable=g-import-not-at-top
 import testutil  # pylint: disable=g-import-not-at-top
 
-tfds = input_pipeline._tfds()  # Also hides GPUs from TF.
+tfds = input_pipeline.import_tfds()  # Also hides GPUs from TF.
 
 
 _write_idx = testutil.write_idx
@@ -125,9 +128,9 @@ def test_train_subset_fixed_balanced(tmp_path):
 
 def test_train_indices_epochs_are_permutations():
   kw = dict(num_examples=50, global_batch=8, seed=3)
-  per_epoch = input_pipeline.steps_per_epoch(50, 8)
+  per_epoch = sampling.steps_per_epoch(50, 8)
   assert per_epoch == 6
-  epochs = [np.concatenate([input_pipeline.train_indices(e * 6 + i, **kw)
+  epochs = [np.concatenate([sampling.train_indices(e * 6 + i, **kw)
                             for i in range(per_epoch)]) for e in range(3)]
   for order in epochs:
     assert order.dtype == np.int64 and len(set(order)) == 48  # 2 dropped.
@@ -135,32 +138,32 @@ def test_train_indices_epochs_are_permutations():
   assert not np.array_equal(epochs[0], epochs[1])
   np.testing.assert_array_equal(
       epochs[1][:8], np.random.default_rng([3, 1]).permutation(50)[:8])
-  other_seed = input_pipeline.train_indices(0, num_examples=50, global_batch=8,
+  other_seed = sampling.train_indices(0, num_examples=50, global_batch=8,
                                             seed=4)
   assert not np.array_equal(other_seed, epochs[0][:8])
 
 
 def test_train_indices_stateless_resume():
   kw = dict(num_examples=37, global_batch=5, seed=0)
-  sequence = [input_pipeline.train_indices(s, **kw) for s in range(30)]
-  input_pipeline._epoch_permutation.cache_clear()  # A fresh process.
+  sequence = [sampling.train_indices(s, **kw) for s in range(30)]
+  sampling._epoch_permutation.cache_clear()  # A fresh process.
   for step in (29, 0, 17, 8):
-    np.testing.assert_array_equal(input_pipeline.train_indices(step, **kw),
+    np.testing.assert_array_equal(sampling.train_indices(step, **kw),
                                   sequence[step])
 
 
 def test_train_indices_errors():
   with pytest.raises(ValueError, match='larger than the 4 training examples'):
-    input_pipeline.train_indices(0, num_examples=4, global_batch=8, seed=0)
+    sampling.train_indices(0, num_examples=4, global_batch=8, seed=0)
 
 
 def test_process_slice_covers_batch():
   indices = np.arange(100, 124)
-  parts = [input_pipeline.process_slice(indices, p, 4) for p in range(4)]
+  parts = [sampling.process_slice(indices, p, 4) for p in range(4)]
   np.testing.assert_array_equal(np.concatenate(parts), indices)
   assert all(len(p) == 6 for p in parts)
   with pytest.raises(ValueError, match='multiple of 5'):
-    input_pipeline.process_slice(indices, 0, 5)
+    sampling.process_slice(indices, 0, 5)
 
 
 # ---------------------------------------------------------------------------
@@ -168,19 +171,19 @@ def test_process_slice_covers_batch():
 
 
 def test_label_noise_partition_fixed_by_seed():
-  a = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, run_seed=1)
-  b = input_pipeline.LabelNoise(1000, 10, 0.3, seed=7, run_seed=2)
+  a = sampling.LabelNoise(1000, 10, 0.3, seed=7, run_seed=1)
+  b = sampling.LabelNoise(1000, 10, 0.3, seed=7, run_seed=2)
   np.testing.assert_array_equal(a.corrupted, b.corrupted)
   assert a.corrupted.sum() == 300 == a.num_corrupted
-  c = input_pipeline.LabelNoise(1000, 10, 0.3, seed=8)
+  c = sampling.LabelNoise(1000, 10, 0.3, seed=8)
   assert not np.array_equal(a.corrupted, c.corrupted)
-  assert input_pipeline.LabelNoise(1001, 10, 0.25, seed=0).num_corrupted == 250
+  assert sampling.LabelNoise(1001, 10, 0.25, seed=0).num_corrupted == 250
 
 
 def test_label_noise_labels():
   n, classes = 2000, 10
   true = np.random.default_rng(0).integers(0, classes, n).astype(np.int32)
-  noise = input_pipeline.LabelNoise(n, classes, 0.4, seed=5)
+  noise = sampling.LabelNoise(n, classes, 0.4, seed=5)
   idx = np.arange(n)
   epoch0, epoch1 = noise.labels(idx, true, 0), noise.labels(idx, true, 1)
   clean = ~noise.corrupted
@@ -193,17 +196,17 @@ def test_label_noise_labels():
   assert 0.85 < wrong < 0.95
   assert np.abs(np.bincount(epoch0[noise.corrupted]) / 800 - 0.1).max() < 0.04
   # Same epoch, same labels, also from a fresh object and for a batch.
-  other = input_pipeline.LabelNoise(n, classes, 0.4, seed=5)
+  other = sampling.LabelNoise(n, classes, 0.4, seed=5)
   batch = np.array([5, 17, 3, 1999])
   np.testing.assert_array_equal(other.labels(batch, true[batch], 0),
                                 epoch0[batch])
   np.testing.assert_array_equal(other.labels(batch, true, 0), epoch0[batch])
   np.testing.assert_array_equal(noise.labels(idx, true, 0), epoch0)
   # Level 0 is the identity; levels outside [0, 1) fail clearly.
-  zero = input_pipeline.LabelNoise(n, classes, 0.0, seed=5)
+  zero = sampling.LabelNoise(n, classes, 0.0, seed=5)
   np.testing.assert_array_equal(zero.labels(idx, true, 3), true)
   with pytest.raises(ValueError, match=r'in \[0, 1\)'):
-    input_pipeline.LabelNoise(n, classes, 1.0, seed=0)
+    sampling.LabelNoise(n, classes, 1.0, seed=0)
 
 
 def test_label_noise_draws_per_run():
@@ -211,7 +214,7 @@ def test_label_noise_draws_per_run():
   n, classes = 2000, 10
   true = np.random.default_rng(0).integers(0, classes, n).astype(np.int32)
   idx = np.arange(n)
-  run = {s: input_pipeline.LabelNoise(n, classes, 0.4, seed=5, run_seed=s)
+  run = {s: sampling.LabelNoise(n, classes, 0.4, seed=5, run_seed=s)
          for s in (0, 1)}
   np.testing.assert_array_equal(run[0].corrupted, run[1].corrupted)
   bad = run[0].corrupted
@@ -222,11 +225,11 @@ def test_label_noise_draws_per_run():
     # Independent uniform draws agree on about 1/10 of the corrupted examples.
     assert 0.05 < (a == b)[bad].mean() < 0.15
     # A resumed run (a fresh object, any epoch order) draws the same labels.
-    resumed = input_pipeline.LabelNoise(n, classes, 0.4, seed=5, run_seed=0)
+    resumed = sampling.LabelNoise(n, classes, 0.4, seed=5, run_seed=0)
     resumed.labels(idx, true, epoch + 1)
     np.testing.assert_array_equal(resumed.labels(idx, true, epoch), a)
   # Shared draws (run_seed=None) are one sequence for every run, unchanged.
-  shared = input_pipeline.LabelNoise(n, classes, 0.4, seed=5)
+  shared = sampling.LabelNoise(n, classes, 0.4, seed=5)
   expected = np.where(bad, np.random.default_rng([5, 1, 3]).integers(
       0, classes, n, dtype=np.int32), true)
   np.testing.assert_array_equal(shared.labels(idx, true, 3), expected)
@@ -244,7 +247,7 @@ def _position_images(batch, h=8, w=8):
 
 def test_augment_crop_shifts_content():
   images = _position_images(64)
-  crop = jax.jit(lambda k, x: input_pipeline.augment(k, x, flip=False))
+  crop = jax.jit(lambda k, x: augment.augment(k, x, flip=False))
   out = np.asarray(crop(jax.random.key(0), images))
   assert out.shape == images.shape and out.dtype == np.uint8
   padded = np.pad(images[0], ((4, 4), (4, 4), (0, 0)))
@@ -259,16 +262,16 @@ def test_augment_crop_shifts_content():
 
 def test_augment_flips_half_and_is_deterministic():
   images = _position_images(1000, 3, 4)
-  out = np.asarray(input_pipeline.augment(jax.random.key(1), images, pad=0))
+  out = np.asarray(augment.augment(jax.random.key(1), images, pad=0))
   flipped = np.all(out == images[:, :, ::-1], axis=(1, 2, 3))
   kept = np.all(out == images, axis=(1, 2, 3))
   assert np.all(flipped ^ kept)
   assert 0.43 < flipped.mean() < 0.57
-  again = np.asarray(input_pipeline.augment(jax.random.key(1), images, pad=0))
+  again = np.asarray(augment.augment(jax.random.key(1), images, pad=0))
   np.testing.assert_array_equal(out, again)
-  other = np.asarray(input_pipeline.augment(jax.random.key(2), images, pad=0))
+  other = np.asarray(augment.augment(jax.random.key(2), images, pad=0))
   assert not np.array_equal(out, other)
-  none = input_pipeline.augment(jax.random.key(1), images, pad=0, flip=False)
+  none = augment.augment(jax.random.key(1), images, pad=0, flip=False)
   np.testing.assert_array_equal(np.asarray(none), images)
 
 
@@ -280,7 +283,7 @@ def test_augment_and_normalize_sharded():
   mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
   def step(rng, x):
-    return input_pipeline.normalize(input_pipeline.augment(rng, x), mean, std,
+    return augment.normalize(augment.augment(rng, x), mean, std,
                                     dtype=jnp.bfloat16)
 
   sharded = jax.jit(step, out_shardings=batch)
@@ -295,7 +298,7 @@ def test_augment_and_normalize_sharded():
 
 def test_normalize():
   images = np.array([[[[0, 255, 51]]]], np.uint8)
-  out = input_pipeline.normalize(images, (0.0, 0.5, 0.2), (1.0, 0.5, 0.1))
+  out = augment.normalize(images, (0.0, 0.5, 0.2), (1.0, 0.5, 0.1))
   np.testing.assert_allclose(np.asarray(out), [[[[0.0, 1.0, 0.0]]]], atol=1e-6)
   assert out.dtype == jnp.float32
 
@@ -320,7 +323,7 @@ def _imagenet(split, **kwargs):
   kw = dict(global_batch=4, process_index=0, process_count=1, seed=0,
             image_size=16)
   kw.update(kwargs)
-  return _lazy(lambda: input_pipeline.imagenet_iterator(split, **kw))
+  return _lazy(lambda: imagenet.imagenet_iterator(split, **kw))
 
 
 def _lazy(make):

@@ -9,9 +9,11 @@ import optax
 import pytest
 
 import collab_jax
+from collab_jax import augment
+from collab_jax import data as data_lib
 from collab_jax import heads as heads_lib
 from collab_jax import losses
-from collab_jax import train
+from collab_jax import steps
 import testutil
 
 
@@ -23,13 +25,13 @@ def data_dir(tmp_path_factory):
 
 
 def _setup(config):
-  data = train.create_data_source(config, 0)
-  model = train.create_model(config, data.num_classes)
-  tx = train.create_optimizer(config, lambda s: config.learning_rate)
-  state = train.create_train_state(jax.random.key(0), config, model,
+  data = data_lib.create_data_source(config)
+  model = steps.create_model(config, data.num_classes)
+  tx = steps.create_optimizer(config, lambda s: config.learning_rate)
+  state = steps.create_train_state(jax.random.key(0), config, model,
                                    data.image_shape, tx)
   stats = {k: tuple(v) for k, v in data.stats.items()}
-  batch = {k: jnp.asarray(v) for k, v in data.train_batch(0).items()}
+  batch = {k: jnp.asarray(v) for k, v in next(data.train_iter(0)).items()}
   return data, model, tx, state, stats, batch
 
 
@@ -39,20 +41,20 @@ def test_label_smoothing_targets(data_dir):
   config.model.splits = ()
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 10)), jnp.float32)
   labels = jnp.array([1, 2, 3, 4])
-  got = train._loss_terms(logits, labels, config)['total'][0]
+  got = steps.loss_terms(logits, labels, config)['total'][0]
   targets = 0.9 * jax.nn.one_hot(labels, 10) + 0.01
   want = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits[0]), -1))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # ... and the collaborative method does not smooth.
   config.method = 'collaborative'
-  plain = train._loss_terms(logits, labels, config)['total'][0]
+  plain = steps.loss_terms(logits, labels, config)['total'][0]
   assert not np.isclose(plain, got)
 
 
 def _head_loss(model, config, params, batch_stats, images, labels, h):
   logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                           train=True, mutable=['batch_stats'])
-  return train._loss_terms(logits, labels, config)['total'][h]
+  return steps.loss_terms(logits, labels, config)['total'][h]
 
 
 def test_alternating_updates_heads_in_turn_with_fresh_predictions(data_dir):
@@ -60,11 +62,11 @@ def test_alternating_updates_heads_in_turn_with_fresh_predictions(data_dir):
                                 learning_rate=0.5)
   config.model.splits = ((0, 2),)
   _, model, tx, state, stats, batch = _setup(config)
-  step = functools.partial(train.alternating_train_step, model=model, tx=tx,
+  step = functools.partial(steps.alternating_train_step, model=model, tx=tx,
                            config=config, data_stats=stats)
   new_state, _ = jax.jit(step)(state, batch)
 
-  images = train.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   labels = batch['label']
   p0, bs = state.params, state.batch_stats
   slice_ = lambda tree, h: jax.tree.map(lambda a: a[h], tree)
@@ -97,11 +99,11 @@ def test_distillation_teacher_frozen_and_loss_uses_ensemble_logits(data_dir):
   config.model.splits = ()
   _, model, tx, state, stats, batch = _setup(config)
   teacher_model = collab_jax.HeadTree(model.stages, ((0, 2),))
-  images = train.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   teacher_vars = teacher_model.init(jax.random.key(7), images)
   before = jax.tree.map(np.array, teacher_vars)
   apply = functools.partial(teacher_model.apply, train=False)
-  step = functools.partial(train.train_step, model=model, tx=tx, config=config,
+  step = functools.partial(steps.train_step, model=model, tx=tx, config=config,
                            data_stats=stats, teacher_apply=apply)
   new_state, metrics = jax.jit(step)(state, batch, teacher_vars)
   # The teacher is an input, never updated.
@@ -128,11 +130,11 @@ def test_rescaling_ablation_gradient_ratios(data_dir):
     config = testutil.tiny_config(data_dir, augment=False, **{'model.rescale': mode})
     config.model.splits = ((1, heads),)
     _, model, _, state, stats, batch = _setup(config)
-    images = train.preprocess(None, batch['image'], config, stats, train=False)
+    images = augment.preprocess(None, batch['image'], config, stats, train=False)
     def loss_fn(params):
       logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats},
                               images, train=True, mutable=['batch_stats'])
-      parts = train._loss_terms(logits, batch['label'], config)
+      parts = steps.loss_terms(logits, batch['label'], config)
       return jnp.sum(parts['total']) * heads_lib.loss_scale(mode, heads)
     grads[mode] = jax.jit(jax.grad(loss_fn))(state.params)
   def ratio(part, a, b):

@@ -25,7 +25,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from collab_jax import checkpointing
+from collab_jax import data as data_lib
+from collab_jax import errors
 from collab_jax import input_pipeline
+from collab_jax import logging_utils
+from collab_jax import steps
 from collab_jax import train
 import testutil
 
@@ -114,16 +119,16 @@ def _wait_for_step(workdir, step, proc, log, timeout=180):
 
 
 def _abstract_state(config):
-  data = train.create_data_source(config, 0)
-  model = train.create_model(config, data.num_classes)
-  tx = train.create_optimizer(config, lambda s: 0.0)
-  return jax.eval_shape(lambda: train.create_train_state(
+  data = data_lib.create_data_source(config)
+  model = steps.create_model(config, data.num_classes)
+  tx = steps.create_optimizer(config, lambda s: 0.0)
+  return jax.eval_shape(lambda: steps.create_train_state(
       jax.random.key(0), config, model, data.image_shape, tx))
 
 
 def _state(workdir, config, step=None):
   """The full TrainState checkpointed in `workdir` (latest or `step`), numpy."""
-  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+  with checkpointing.checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
     step = manager.latest_step() if step is None else step
     state = manager.restore(step, args=ocp.args.StandardRestore(
         _abstract_state(config)))
@@ -206,7 +211,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
   step = int(stopped[0].split()[3])
   assert step < STEPS and not os.path.exists(workdir / 'results.json')
   config = _config(data_dir)
-  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+  with checkpointing.checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
     assert manager.latest_step() == step
   if sig == signal.SIGINT:
     return  # resuming is the same as after SIGTERM
@@ -274,15 +279,15 @@ def test_lock_is_held_for_the_run_and_released_after(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   config = _config(data_dir, num_train_steps=2)
-  with train.workdir_lock(str(workdir)):
-    with pytest.raises(train.WorkdirError,
+  with checkpointing.workdir_lock(str(workdir)):
+    with pytest.raises(errors.WorkdirError,
                        match=f'in use by another trainer \\(pid {os.getpid()} '):
       train.train_and_evaluate(config, str(workdir))
   assert not os.path.exists(workdir / 'config.json')  # refused before any work
   # A lock file left by a process that died (its flock went with it).
   (workdir / 'trainer.lock').write_text('pid 999999 on host elsewhere')
   assert train.train_and_evaluate(config, str(workdir))['steps'] == 2
-  with train.workdir_lock(str(workdir)):  # released when the run returned
+  with checkpointing.workdir_lock(str(workdir)):  # released when the run returned
     pass
 
 
@@ -333,7 +338,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_run_falls_back(
   # A workdir whose only checkpoint is unreadable: refuse, move nothing.
   _garble(str(ckpts / '4'))
   shutil.rmtree(ckpts / '6')
-  with pytest.raises(train.WorkdirError, match='no checkpoint in .* is readable'):
+  with pytest.raises(errors.WorkdirError, match='no checkpoint in .* is readable'):
     train.train_and_evaluate(halted, str(workdir))
   assert os.listdir(ckpts) == ['4']
 
@@ -349,8 +354,9 @@ def test_half_written_saves_are_gone_when_the_manager_returns(tmp_path):
   tmp = tmp_path / 'checkpoints' / '8.orbax-checkpoint-tmp-1234567890'
   tmp.mkdir(parents=True)
   (tmp / 'payload').write_bytes(b'x' * 1000)
-  config = ml_collections.ConfigDict({'keep_checkpoints': 2})
-  manager = train._checkpoint_manager(str(tmp_path), config, cleanup=True)
+  config = ml_collections.ConfigDict({'keep_checkpoints': 2,
+                                      'checkpoint_every_steps': 1})
+  manager = checkpointing.checkpoint_manager(str(tmp_path), config, cleanup=True)
   try:
     assert hasattr(manager, '_maybe_await_cleanup_tmp_directory')
     assert not tmp.exists()
@@ -364,7 +370,7 @@ def test_divergence_skips_updates_then_stops_with_state_intact(data_dir, tmp_pat
                    log_every_steps=2, max_nonfinite_streak=5,
                    keep_checkpoints=10)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.NonFiniteError, match='consecutive steps had a '
+  with pytest.raises(errors.NonFiniteError, match='consecutive steps had a '
                      'non-finite loss or gradient.*last good checkpoint'):
     train.train_and_evaluate(config, str(workdir))
   records = _train_records(workdir)
@@ -372,7 +378,7 @@ def test_divergence_skips_updates_then_stops_with_state_intact(data_dir, tmp_pat
   assert records[-1]['nonfinite_skipped'] == 1.0
   assert not os.path.exists(workdir / 'results.json')
   assert not os.path.exists(workdir / 'export')
-  with train._checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
+  with checkpointing.checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
     assert manager.all_steps() == [2, 4]  # none at the failing log step
   at_2, at_4 = _state(workdir, config, 2), _state(workdir, config, 4)
   for state in (at_2, at_4):
@@ -389,15 +395,15 @@ def test_divergence_skips_updates_then_stops_with_state_intact(data_dir, tmp_pat
 def test_guard_rejects_an_overflowing_update(data_dir):
   """Finite loss and gradients but an update that overflows: skipped too."""
   config = _config(data_dir)
-  data = train.create_data_source(config, 0)
-  model = train.create_model(config, data.num_classes)
-  tx = train.create_optimizer(config, lambda s: 1e39)  # inf in float32
-  state = train.create_train_state(jax.random.key(0), config, model,
+  data = data_lib.create_data_source(config)
+  model = steps.create_model(config, data.num_classes)
+  tx = steps.create_optimizer(config, lambda s: 1e39)  # inf in float32
+  state = steps.create_train_state(jax.random.key(0), config, model,
                                    data.image_shape, tx)
   stats = {k: tuple(v) for k, v in data.stats.items()}
-  step = jax.jit(lambda s, b: train.train_step(
+  step = jax.jit(lambda s, b: steps.train_step(
       s, b, model=model, tx=tx, config=config, data_stats=stats))
-  new, metrics = step(state, data.train_batch(0))
+  new, metrics = step(state, next(data.train_iter(0)))
   assert np.isfinite(float(metrics['loss'][0]))
   assert float(metrics['nonfinite_skipped'][0]) == 1.0
   _assert_trees_equal((new.params, new.opt_state, new.batch_stats),
@@ -422,7 +428,7 @@ def test_workdir_of_another_config_and_finished_runs_are_left_alone(
       _config(data_dir, halt_after_steps=2, **short), workdir) is None
   before = _snapshot(workdir)
   other = _config(data_dir, learning_rate=0.01, **short)
-  with pytest.raises(train.WorkdirError,
+  with pytest.raises(errors.WorkdirError,
                      match=r'different config \(learning_rate: 0.05 -> 0.01\).*'
                      'allow_config_change=True'):
     train.train_and_evaluate(other, workdir)
@@ -444,7 +450,7 @@ def test_workdir_of_another_config_and_finished_runs_are_left_alone(
                                 allow_config_change=True)):
     assert train.train_and_evaluate(config, workdir) == results
     assert _snapshot(workdir) == finished
-  with pytest.raises(train.WorkdirError, match='different config'):
+  with pytest.raises(errors.WorkdirError, match='different config'):
     train.train_and_evaluate(_config(data_dir, learning_rate=0.2, **short),
                              workdir)
   # Killed after the export but before results.json: the rerun keeps the
@@ -484,81 +490,81 @@ def _write_bad_data(d, kind):
 
 
 BAD_CONFIGS = [
-    ({'eval_batch_size': 12}, train.ConfigError,
+    ({'eval_batch_size': 12}, errors.ConfigError,
      'config.eval_batch_size: 12 does not divide over 8 devices'),
-    ({'label_noise': 1.0}, train.ConfigError,
+    ({'label_noise': 1.0}, errors.ConfigError,
      'config.label_noise: 1.0 must be a fraction in [0, 1)'),
-    ({'label_noise': -0.1}, train.ConfigError,
+    ({'label_noise': -0.1}, errors.ConfigError,
      'config.label_noise: -0.1 must be a fraction in [0, 1)'),
-    ({'temperature': 0.0}, train.ConfigError,
-     'config.temperature: temperature=0.0 must be > 0'),
-    ({'learning_rate': -0.1}, train.ConfigError,
+    ({'temperature': 0.0}, errors.ConfigError,
+     'config.temperature: 0.0 must be > 0'),
+    ({'learning_rate': -0.1}, errors.ConfigError,
      'config.learning_rate: -0.1 must be positive and finite'),
-    ({'learning_rate': math.inf}, train.ConfigError,
+    ({'learning_rate': math.inf}, errors.ConfigError,
      'config.learning_rate: inf is not a finite number'),
-    ({'weight_decay': -1e-4}, train.ConfigError,
+    ({'weight_decay': -1e-4}, errors.ConfigError,
      'config.weight_decay: -0.0001 must be >= 0'),
-    ({'batch_size': 0}, train.ConfigError, 'config.batch_size: 0 must be positive'),
-    ({'batch_size': 128}, train.ConfigError,
+    ({'batch_size': 0}, errors.ConfigError, 'config.batch_size: 0 must be positive'),
+    ({'batch_size': 128}, errors.ConfigError,
      'config.batch_size: 128 is larger than the 96 training examples'),
-    ({'num_train_steps': -1, 'num_epochs': 0.0}, train.ConfigError,
+    ({'num_train_steps': -1, 'num_epochs': 0.0}, errors.ConfigError,
      'config.num_epochs: set num_epochs > 0 or num_train_steps > 0'),
-    ({'method': 'label_smoothing', 'label_smoothing': 0.0}, train.ConfigError,
+    ({'method': 'label_smoothing', 'label_smoothing': 0.0}, errors.ConfigError,
      "config.label_smoothing: method 'label_smoothing' needs an epsilon > 0"),
-    ({'method': 'alternating'}, train.ConfigError,
+    ({'method': 'alternating'}, errors.ConfigError,
      "config.model.splits: method 'alternating' (Deep Mutual Learning) trains "
      'separate networks: use splits ((0, H),)'),
-    ({'method': 'distillation'}, train.ConfigError,
+    ({'method': 'distillation'}, errors.ConfigError,
      "config.model.splits: method 'distillation' trains one student"),
-    ({'model.splits': ((1, 2), (1, 2))}, train.ConfigError,
+    ({'model.splits': ((1, 2), (1, 2))}, errors.ConfigError,
      'split indices must be strictly increasing'),
-    ({'model.rescale': 'sometimes'}, train.ConfigError,
+    ({'model.rescale': 'sometimes'}, errors.ConfigError,
      "config.model.rescale: 'sometimes' is not one of"),
-    ({'model.branch_impl': 'threads'}, train.ConfigError,
+    ({'model.branch_impl': 'threads'}, errors.ConfigError,
      "config.model.branch_impl: 'threads' is not one of"),
-    ({'model.dtype': 'float7'}, train.ConfigError,
+    ({'model.dtype': 'float7'}, errors.ConfigError,
      "config.model.dtype: 'float7' is not a dtype"),
-    ({'lr_schedule': 'linear'}, train.ConfigError,
+    ({'lr_schedule': 'linear'}, errors.ConfigError,
      "config.lr_schedule: 'linear' is not one of step, cosine, constant"),
-    ({'optimizer': 'adam'}, train.ConfigError,
+    ({'optimizer': 'adam'}, errors.ConfigError,
      "config.optimizer: 'adam': only 'sgd' is supported"),
-    ({'dataset': 'mnist'}, train.ConfigError, "config.dataset: 'mnist' is unknown"),
-    ({'checkpoint_every_steps': 0}, train.ConfigError,
+    ({'dataset': 'mnist'}, errors.ConfigError, "config.dataset: 'mnist' is unknown"),
+    ({'checkpoint_every_steps': 0}, errors.ConfigError,
      'config.checkpoint_every_steps: 0 must be >= 1'),
-    ({'keep_checkpoints': 0}, train.ConfigError,
+    ({'keep_checkpoints': 0}, errors.ConfigError,
      'config.keep_checkpoints: 0 must be >= 1'),
     # Numbers that are not finite or out of range, before any work.
-    ({'weight_decay': math.nan}, train.ConfigError,
+    ({'weight_decay': math.nan}, errors.ConfigError,
      'config.weight_decay: nan is not a finite number'),
-    ({'temperature': math.inf}, train.ConfigError,
+    ({'temperature': math.inf}, errors.ConfigError,
      'config.temperature: inf is not a finite number'),
-    ({'num_epochs': math.nan, 'num_train_steps': -1}, train.ConfigError,
+    ({'num_epochs': math.nan, 'num_train_steps': -1}, errors.ConfigError,
      'config.num_epochs: nan is not a finite number'),
-    ({'lr_decay_epochs': (1.0, math.inf)}, train.ConfigError,
+    ({'lr_decay_epochs': (1.0, math.inf)}, errors.ConfigError,
      'config.lr_decay_epochs: (1.0, inf) is not a finite number'),
-    ({'momentum': -0.5}, train.ConfigError,
+    ({'momentum': -0.5}, errors.ConfigError,
      'config.momentum: -0.5 must be in [0, 1)'),
-    ({'momentum': 1.0}, train.ConfigError, 'config.momentum: 1.0 must be in [0, 1)'),
-    ({'lr_scaling_batch': -256}, train.ConfigError,
+    ({'momentum': 1.0}, errors.ConfigError, 'config.momentum: 1.0 must be in [0, 1)'),
+    ({'lr_scaling_batch': -256}, errors.ConfigError,
      'config.lr_scaling_batch: -256 must be >= 0'),
-    ({'learning_rate': 1e308, 'lr_scaling_batch': 1}, train.ConfigError,
+    ({'learning_rate': 1e308, 'lr_scaling_batch': 1}, errors.ConfigError,
      'config.learning_rate: 1e+308 * batch_size / lr_scaling_batch = inf must '
      'be positive and finite'),
-    ({'lr_decay_factor': -0.1}, train.ConfigError,
+    ({'lr_decay_factor': -0.1}, errors.ConfigError,
      'config.lr_decay_factor: -0.1 must be > 0'),
-    ({'seed': 2**64}, train.ConfigError,
+    ({'seed': 2**64}, errors.ConfigError,
      'config.seed: 18446744073709551616 must be an integer in [0, 2**63)'),
-    ({'noise_seed': -1}, train.ConfigError,
+    ({'noise_seed': -1}, errors.ConfigError,
      'config.noise_seed: -1 must be an integer in [0, 2**63)'),
-    ({'model.kwargs': {'width': 0}}, train.ConfigError,
+    ({'model.kwargs': {'width': 0}}, errors.ConfigError,
      'config.model.kwargs.width: 0 must be >= 1'),
-    ({'model.dtype': 'int32'}, train.ConfigError,
+    ({'model.dtype': 'int32'}, errors.ConfigError,
      "config.model.dtype: 'int32' is not a floating-point dtype"),
-    ({'eval_batch_size': 0}, train.ConfigError,
+    ({'eval_batch_size': 0}, errors.ConfigError,
      'config.eval_batch_size: 0 must be positive'),
-    ({'label_smoothing': math.nan}, train.ConfigError,
+    ({'label_smoothing': math.nan}, errors.ConfigError,
      'config.label_smoothing: nan is not a finite number'),
-    ({'label_smoothing': 1.0}, train.ConfigError,
+    ({'label_smoothing': 1.0}, errors.ConfigError,
      'config.label_smoothing: label smoothing epsilon=1.0 must be in [0, 1)'),
     ({'train_subset': 1000}, input_pipeline.DatasetError,
      'train_subset=1000 but the training set has 96 examples'),
@@ -595,11 +601,11 @@ def test_bad_data_file_is_one_clear_line(tmp_path, kind, message):
 
 def test_bad_workdir_is_one_clear_line(data_dir, tmp_path):
   (tmp_path / 'file').write_text('')
-  with pytest.raises(train.WorkdirError, match='exists and is not a directory'):
+  with pytest.raises(errors.WorkdirError, match='exists and is not a directory'):
     train.train_and_evaluate(_config(data_dir), str(tmp_path / 'file'))
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{"seed": 0, ')
-  with pytest.raises(train.WorkdirError, match='config.json is not valid JSON'):
+  with pytest.raises(errors.WorkdirError, match='config.json is not valid JSON'):
     train.train_and_evaluate(_config(data_dir), str(tmp_path / 'run'))
 
 
@@ -630,7 +636,7 @@ def test_damaged_workdir_file_is_one_clear_line(data_dir, tmp_path, name,
     path.write_text('')
   else:
     path.write_text(damage)
-  with pytest.raises(train.WorkdirError, match=message) as e:
+  with pytest.raises(errors.WorkdirError, match=message) as e:
     train.train_and_evaluate(_config(data_dir, num_train_steps=2), str(workdir))
   assert '\n' not in str(e.value) and str(path) in str(e.value), str(e.value)
 
@@ -639,9 +645,9 @@ def test_workdir_json_is_strict(tmp_path):
   """config.json, run_info.json, results.json: never NaN or Infinity."""
   path = tmp_path / 'config.json'
   with pytest.raises(ValueError, match='not JSON compliant'):
-    train.logging_utils.write_json_atomic(str(path), {'lr': math.nan})
+    logging_utils.write_json_atomic(str(path), {'lr': math.nan})
   assert os.listdir(tmp_path) == []  # nothing, not even a temporary file
-  train.logging_utils.write_json_atomic(str(path), {'lr': 0.1})
+  logging_utils.write_json_atomic(str(path), {'lr': 0.1})
   assert json.loads(path.read_text()) == {'lr': 0.1}
 
 
@@ -660,21 +666,21 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
                                                      monkeypatch):
   workdir = tmp_path / 'run'
   config = _config(data_dir, num_train_steps=4, label_noise=0.0)
-  write = train.logging_utils.MetricWriter.write
+  write = logging_utils.MetricWriter.write
 
   def full_at_step_3(self, step, scalars, kind='train'):
     if step == 3:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return write(self, step, scalars, kind)
-  monkeypatch.setattr(train.logging_utils.MetricWriter, 'write', full_at_step_3)
-  with pytest.raises(train.WorkdirError) as e:
+  monkeypatch.setattr(logging_utils.MetricWriter, 'write', full_at_step_3)
+  with pytest.raises(errors.WorkdirError) as e:
     train.train_and_evaluate(config, str(workdir))
   message = str(e.value)
   assert message.startswith(f'no space left on the device of {workdir} '
                             '(No space left on device): free some space'), message
   assert '\n' not in message and not (workdir / 'results.json').exists()
   monkeypatch.undo()
-  with train.workdir_lock(str(workdir)):  # released
+  with checkpointing.workdir_lock(str(workdir)):  # released
     pass
   assert train.train_and_evaluate(config, str(workdir))['steps'] == 4
   assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
@@ -692,7 +698,7 @@ def test_full_disk_in_a_checkpoint_save_is_one_line(data_dir, tmp_path,
     except OSError as e:
       raise RuntimeError(f'save of step {step} failed') from e
   monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
-  with pytest.raises(train.WorkdirError,
+  with pytest.raises(errors.WorkdirError,
                      match=f'no space left on the device of {workdir} writing '
                      f'{target} \\(No space left on device\\)') as e:
     train.train_and_evaluate(_config(data_dir, num_train_steps=4), str(workdir))
@@ -712,7 +718,7 @@ def test_run_that_trained_nothing_finite_writes_no_results(
   config = _config(data_dir, learning_rate=lr, label_noise=0.0,
                    num_train_steps=3, log_every_steps=1, max_nonfinite_streak=10)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.NonFiniteError, match=message) as e:
+  with pytest.raises(errors.NonFiniteError, match=message) as e:
     train.train_and_evaluate(config, str(workdir))
   assert '\n' not in str(e.value)
   if skipped:

@@ -8,9 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from collab_jax import checkpointing
+from collab_jax import config_lib
+from collab_jax import data as data_lib
+from collab_jax import errors
 from collab_jax import input_pipeline
 from collab_jax import losses
+from collab_jax import sampling
 from collab_jax import semisup
+from collab_jax import steps
 from collab_jax import train
 import testutil
 
@@ -24,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _split(labels, per_class=3, **kwargs):
   kwargs = {'seed': 0, 'global_batch': 16, 'labeled_fraction': 0.25, **kwargs}
-  return input_pipeline.LabeledSplit(labels, per_class, 10, **kwargs)
+  return sampling.LabeledSplit(labels, per_class, 10, **kwargs)
 
 
 def test_labeled_subset_fixed_balanced_and_the_supervised_subset():
@@ -82,14 +88,14 @@ def test_split_errors(kwargs, match):
 def test_trainer_batches_carry_mask_and_unknown_labels(data_dir):
   config = testutil.tiny_config(data_dir, labeled_per_class=2,
                                 labeled_fraction_per_batch=0.25)
-  data = train.create_data_source(config, 0)
-  batch = data.train_batch(3)
+  data = data_lib.create_data_source(config)
+  batch = next(data.train_iter(3))
   np.testing.assert_array_equal(batch['labeled'], np.arange(16) < 4)
   assert batch['label'].dtype == np.int32
   assert np.all(batch['label'][4:] == -1) and np.all(batch['label'][:4] >= 0)
   # Plain runs keep their batches (no mask).
-  assert set(train.create_data_source(testutil.tiny_config(data_dir), 0)
-             .train_batch(0)) == {'image', 'label'}
+  plain = data_lib.create_data_source(testutil.tiny_config(data_dir))
+  assert set(next(plain.train_iter(0))) == {'image', 'label'}
 
 
 def test_rampup():
@@ -133,14 +139,14 @@ def test_mean_teacher_loss_is_the_collaborative_loss_against_the_teacher(data_di
   teacher = jnp.asarray(rng.normal(size=(6, 10)), jnp.float32)
   labels = jnp.array([1, 2, 3, -1, -1, -1])
   labeled = jnp.arange(6) < 3
-  got = train._loss_terms(student, labels, config, teacher, labeled, 0.7)['total'][0]
+  got = steps.loss_terms(student, labels, config, teacher, labeled, 0.7)['total'][0]
   y = jax.nn.one_hot(labels[:3], 10)
   hard = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(student[0, :3]), -1))
   soft = -jnp.sum(jax.nn.softmax(teacher / 2) * jax.nn.log_softmax(student[0] / 2), -1)
   coef = jnp.where(labeled, 0.5, 0.7)
   np.testing.assert_allclose(got, 0.5 * hard + jnp.mean(coef * 4 * soft), rtol=1e-5)
   # No gradient reaches the teacher.
-  g = jax.grad(lambda t: train._loss_terms(student, labels, config, t, labeled,
+  g = jax.grad(lambda t: steps.loss_terms(student, labels, config, t, labeled,
                                            0.7)['total'][0])(teacher)
   np.testing.assert_array_equal(g, 0.0)
 
@@ -155,12 +161,12 @@ def test_mean_teacher_loss_is_the_collaborative_loss_against_the_teacher(data_di
 ])
 def test_bad_semisup_config(overrides, match):
   config = testutil.tiny_config('', **overrides)  # 2 heads
-  with pytest.raises(train.ConfigError, match=match):
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError, match=match):
+    config_lib.validate_config(config)
 
 
 def _final_params(workdir, config):
-  _, variables = train.load_run_variables(workdir, config, 10, (12, 12, 1))
+  _, variables = checkpointing.load_run_variables(workdir, config, 10, (12, 12, 1))
   return variables
 
 

@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from collab_jax import augment
+from collab_jax import checkpointing
+from collab_jax import data as data_lib
+from collab_jax import errors
 from collab_jax import input_pipeline
 from collab_jax import recipes
+from collab_jax import steps
 from collab_jax import train
 import test_methods
 import testutil
@@ -35,7 +40,7 @@ def _metrics(workdir, kind='train'):
 
 
 def _final_params(workdir, config):
-  _, variables = train.load_run_variables(workdir, config, 10, (12, 12, 1))
+  _, variables = checkpointing.load_run_variables(workdir, config, 10, (12, 12, 1))
   return variables
 
 
@@ -64,7 +69,7 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
     exported = ckptr.restore(os.path.abspath(tmp_path / 'export' / 'head_1'))
   variables = _final_params(tmp_path, config)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 12, 1)), jnp.float32)
-  tree = train.create_model(config, 10)
+  tree = steps.create_model(config, 10)
   net = collab_jax.StageNetwork(models.get_stages('tiny_resnet', 10))
   np.testing.assert_array_equal(jax.jit(net.apply)(exported, x),
                                 jax.jit(tree.apply)(variables, x)[0])
@@ -78,9 +83,9 @@ def test_eval_step_top5_error_matches_numpy(data_dir):
   config = testutil.tiny_config(data_dir)
   data, model, _, state, stats, _ = test_methods._setup(config)  # pylint: disable=protected-access
   batch = next(iter(data.eval_batches()))
-  metrics = train.reduce_metrics(train.eval_step(
+  metrics = steps.reduce_metrics(steps.eval_step(
       state, batch, model=model, config=config, data_stats=stats))
-  images = train.preprocess(None, batch['image'], config, stats, train=False)
+  images = augment.preprocess(None, batch['image'], config, stats, train=False)
   logits = np.asarray(model.apply(
       {'params': state.params, 'batch_stats': state.batch_stats}, images,
       train=False))
@@ -113,24 +118,22 @@ def test_halt_and_resume_is_exact(data_dir, tmp_path):
   assert resumed['head_1_test_error'] == full['head_1_test_error']
 
 
-def _run_steps(config, mesh, steps=3):
-  """Runs `steps` train steps of `config` on `mesh`; returns the losses."""
-  data = train.create_data_source(config, 0)
-  model = train.create_model(config, data.num_classes)
-  tx = train.create_optimizer(config, lambda s: config.learning_rate)
-  state = train.create_train_state(jax.random.key(0), config, model,
+def _run_steps(config, mesh, num_steps=3):
+  """Runs `num_steps` train steps of `config` on `mesh` (the trainer's
+  `make_train_step`); returns the losses."""
+  data = data_lib.create_data_source(config)
+  model = steps.create_model(config, data.num_classes)
+  tx = steps.create_optimizer(config, lambda s: config.learning_rate)
+  state = steps.create_train_state(jax.random.key(0), config, model,
                                    data.image_shape, tx)
-  repl, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  stats = {k: tuple(v) for k, v in data.stats.items()}
-  import functools
-  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                      config=config, data_stats=stats),
-                    in_shardings=(repl, sharded, repl), out_shardings=(repl, repl))
-  state = jax.device_put(state, repl)
+  step_fn = steps.make_train_step(config, mesh, model=model, tx=tx,
+                                  data_stats=data.stats,
+                                  steps_per_epoch=data.steps_per_epoch)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  sharded = NamedSharding(mesh, P('data'))
   losses = []
-  for step in range(steps):
-    batch = {k: jax.device_put(v, sharded) for k, v in data.train_batch(step).items()}
-    state, metrics = step_fn(state, batch, {})
+  for _, local in zip(range(num_steps), data.train_iter(0)):
+    state, metrics = step_fn(state, data_lib.to_global(local, sharded), {})
     losses.append(float(metrics['loss'][0]))
   return np.array(losses)
 
@@ -163,7 +166,7 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
                                 label_smoothing=0.1)
   config.model.splits = splits
   if method == 'distillation':  # the student needs finished teachers
-    with pytest.raises(train.ConfigError, match='teacher run .* has not finished'):
+    with pytest.raises(errors.ConfigError, match='teacher run .* has not finished'):
       train.train_and_evaluate(config, str(tmp_path))
     assert train.train_teachers(config, str(tmp_path))
   results = train.train_and_evaluate(config, str(tmp_path))
@@ -185,7 +188,7 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
 
 
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
-  tfds = input_pipeline._tfds()
+  tfds = input_pipeline.import_tfds()
   config = testutil.tiny_config('', dataset='cifar10', num_train_steps=2)
   with tfds.testing.mock_data(num_examples=64):
     results = train.train_and_evaluate(config, str(tmp_path / 'cifar'))
@@ -242,8 +245,9 @@ def _snapshot(workdir):
     ('--config.model.splits=((1, 1),)', 'at least 2 branches'),
     ('--config.batch_size=12', 'does not divide over 8 devices'),
     ('--config.method=magic', "config.method: 'magic' is unknown"),
-    ('--config.beta=0.0', 'config.beta: beta=0.0 is outside (0, 1]'),
-    ('--config.model.name=resnet9000', "'resnet9000' is unknown"),
+    ('--config.beta=0.0', 'config.beta: 0.0 is outside (0, 1]'),
+    ('--config.model.name=resnet9000',
+     "config.model.name: 'resnet9000' is an unknown network"),
     ('--config.data_dir=/nonexistent', 'Fashion-MNIST IDX files not found'),
     ('--config.num_train_steps=9', 'was made by a different config'),
 ])

@@ -50,7 +50,19 @@ def get_stages(name: str, num_classes: int, *, dtype=jnp.float32, **kwargs):
   """
   if name not in NETWORKS:
     raise ValueError(
-        f'unknown network {name!r}; choose one of: {", ".join(sorted(NETWORKS))}.')
+        f'name={name!r} is an unknown network; choose one of: '
+        f'{", ".join(sorted(NETWORKS))}.')
+  try:
+    as_dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f'dtype={dtype!r} is not a dtype; use float32 or '
+                     'bfloat16.') from None
+  if not jnp.issubdtype(as_dtype, jnp.floating):
+    raise ValueError(f'dtype={dtype!r} is not a floating-point dtype; use '
+                     'float32 or bfloat16.')
+  for key, value in kwargs.items():  # width, growth_rate, depth, ...: sizes
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      raise ValueError(f'{key}={value} must be >= 1.')
   if isinstance(dtype, str):
-    dtype = jnp.dtype(dtype)
+    dtype = as_dtype
   return NETWORKS[name](num_classes, dtype=dtype, **kwargs)

@@ -1,0 +1,123 @@
+"""The trainer's view of the data: one `DataSource` per run and process."""
+
+import dataclasses
+import itertools
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from collab_jax import errors
+from collab_jax import imagenet
+from collab_jax import input_pipeline
+from collab_jax import sampling
+
+STREAMING_DATASETS = ('imagenet2012',)
+DATASETS = input_pipeline.KNOWN_DATASETS + STREAMING_DATASETS
+
+
+@dataclasses.dataclass
+class DataSource:
+  """What the loop needs from the data: shapes, statistics and batches.
+
+  Batches are this process's share of the global batch, as numpy arrays
+  (`to_global` makes them global arrays).
+  """
+  num_train: int
+  num_classes: int
+  image_shape: tuple
+  stats: dict
+  steps_per_epoch: int
+  train_iter: Callable[[int], Iterator[dict]]  # start step -> batches from it on
+  eval_batches: Callable[[], Iterator[dict]]   # the whole test set, once
+
+
+def to_global(local, sharding):
+  """A process-local batch -> global arrays sharded by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def create_data_source(config):
+  """Loads the dataset of `config.dataset` for this process.
+
+  In-memory datasets are read here; a stream opens when `train_iter` is
+  called, at the step the run starts from.
+  """
+  if config.dataset in STREAMING_DATASETS:
+    return _stream(config)
+  return _in_memory(config)
+
+
+def _stream(config):
+  p_idx, p_cnt = jax.process_index(), jax.process_count()
+  data_dir = config.data_dir or None
+  num_train = imagenet.num_examples(config.dataset, 'train', data_dir)
+  with errors.config_keys('batch_size', global_batch='batch_size'):
+    per_epoch = sampling.steps_per_epoch(num_train, config.batch_size)
+
+  def iterator(split, batch, start_step=0):
+    return imagenet.imagenet_iterator(
+        split, global_batch=batch, process_index=p_idx, process_count=p_cnt,
+        seed=config.seed, image_size=config.image_size, data_dir=data_dir,
+        start_step=start_step)
+
+  return DataSource(
+      num_train, 1000,  # imagenet2012 classes
+      (config.image_size, config.image_size, 3),
+      {'mean': imagenet.IMAGENET_MEAN, 'std': imagenet.IMAGENET_STD},
+      per_epoch,
+      lambda start: iterator('train', config.batch_size, start),
+      lambda: iterator('validation', config.eval_batch_size))
+
+
+def _in_memory(config):
+  p_idx, p_cnt = jax.process_index(), jax.process_count()
+  ds = input_pipeline.load_dataset(
+      config.dataset, data_dir=config.data_dir or None,
+      train_subset=config.train_subset, subset_seed=config.subset_seed)
+  if ds.test_images.shape[1:] != ds.image_shape:
+    raise input_pipeline.DatasetError(
+        f'{config.dataset}: test images are {ds.test_images.shape[1:]} but '
+        f'training images are {ds.image_shape}; both splits must have one shape.')
+  with errors.config_keys('batch_size', global_batch='batch_size'):
+    per_epoch = sampling.steps_per_epoch(ds.num_train, config.batch_size)
+  with errors.config_keys('label_noise', level='label_noise'):
+    noise = sampling.LabelNoise(
+        ds.num_train, ds.num_classes, config.label_noise, config.noise_seed,
+        run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
+  split = None
+  if config.get('labeled_per_class', 0):  # semi-supervised: see LabeledSplit
+    with errors.config_keys(
+        'labeled_per_class', labeled_per_class='labeled_per_class',
+        labeled_fraction_per_batch='labeled_fraction_per_batch'):
+      split = sampling.LabeledSplit(
+          ds.train_labels, config.labeled_per_class, ds.num_classes,
+          seed=config.subset_seed, global_batch=config.batch_size,
+          labeled_fraction=config.labeled_fraction_per_batch)
+
+  def batch(step):
+    if split is None:
+      idx = sampling.train_indices(step, num_examples=ds.num_train,
+                                         global_batch=config.batch_size,
+                                         seed=config.seed)
+    else:
+      idx, labeled = split.indices(step, run_seed=config.seed)
+      labeled = sampling.process_slice(labeled, p_idx, p_cnt)
+    idx = sampling.process_slice(idx, p_idx, p_cnt)
+    labels = noise.labels(idx, ds.train_labels[idx], step // per_epoch)
+    if split is None:
+      return {'image': ds.train_images[idx], 'label': labels}
+    return {'image': ds.train_images[idx],  # unlabelled examples: label -1
+            'label': np.where(labeled, labels, -1).astype(np.int32),
+            'labeled': labeled}
+
+  def eval_batches():
+    for b in input_pipeline.eval_batches(ds.test_images, ds.test_labels,
+                                         config.eval_batch_size):
+      yield {k: sampling.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
+
+  return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
+                    {'mean': ds.mean, 'std': ds.std}, per_epoch,
+                    lambda start: map(batch, itertools.count(start)),
+                    eval_batches)
