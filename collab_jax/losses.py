@@ -32,7 +32,6 @@ Array = Any
 
 def _check_hyper(beta, temperature):
   # Checked only for concrete values; traced hyper-parameters pass through.
-  # (The trainer's config checks call this too: one place for each range.)
   if isinstance(beta, (int, float)) and not 0.0 < beta <= 1.0:
     raise ValueError(f'beta={beta} is outside (0, 1]; the paper uses 0.5.')
   if isinstance(temperature, (int, float)) and not 0 < temperature < math.inf:
