@@ -42,12 +42,8 @@ run: install data
 	$(PY) -m collab_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) \
 	  --config.data_dir=$(FMNIST_DIR)
 
-# Two pytest workers (pytest-xdist): the tests are mostly XLA compiles, which
-# run on one thread, so a second worker uses the second core. TEST_WORKERS=0
-# runs them in one process.
-TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q tests
 
 # The PyTorch peer runs in its own Python 3.11 venv (torch's CPU wheel exists
 # for 3.11 here; on newer Pythons pip would fetch a CUDA build of several GB);

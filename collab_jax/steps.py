@@ -200,12 +200,10 @@ def loss_terms(logits, labels, config, teacher_logits=None, labeled=None,
         pair, labels, beta=config.beta, temperature=config.temperature, **semi)
     return {k: v[:1] for k, v in parts.items()}
   if config.method == 'distillation':
-    hard = losses.cross_entropy(logits[0], labels)
-    total = losses.distillation_loss(logits[0], teacher_logits, labels,
+    parts = losses.distillation_loss(logits[0], teacher_logits, labels,
                                      beta=config.beta,
                                      temperature=config.temperature)
-    soft = (total - config.beta * hard) / (1.0 - config.beta)
-    return {'hard': hard[None], 'soft': soft[None], 'total': total[None]}
+    return {k: v[None] for k, v in parts.items()}
   return losses.collaborative_head_losses(
       logits, labels, beta=config.beta, temperature=config.temperature,
       label_smoothing=smoothing, consensus_gradient=config.consensus_gradient,
