@@ -64,6 +64,9 @@ class Sweep:
   show_heads: bool = False
   # Head 1's top-5 error beside top-1 (the paper's Table 4 has both).
   show_top5: bool = False
+  # The mean of the heads' errors and the error of the heads' ensemble (mean
+  # logits) beside head 1; a bar plot of the three.
+  show_ensemble: bool = False
   # Sensitivity sweeps: the factor the rows' `x` values vary (plot's x axis).
   factor: str = ''
 
@@ -146,6 +149,16 @@ _add(Sweep('fmnist_sensitivity_split', 'Sensitivity to the split point (2 heads)
     _fm('split before stage 1 (paper)', 'h2_simple', x=1),
     _fm('split before stage 2', 'h2_simple', x=2, **{'model.splits': ((2, 2),)}),
 ), factor='split point (stage index)'))
+
+# The clean-label claim at a larger scale (ResNet-14, 10k images, standard
+# augmentation, 30 epochs): recipes.fashion_mnist_scale; the pilot behind it
+# in experiments/README.md.
+SCALE = 'configs/fmnist_scale.py'
+_add(Sweep('fmnist_scale', 'Clean labels at a larger scale: ResNet-14, 10k images, '
+           'augmentation, 30 epochs', tuple(
+               Row(_T1.label(g), f'{SCALE}:{g}', paper=_T1.text(g, 'ResNet-32'))
+               for g in ('single', 'label_smoothing', 'h2_instances', 'h2_simple',
+                         'h4_hierarchical')), show_ensemble=True))
 
 # Beyond the paper (its future work): semi-supervised collaborative learning.
 # 100 labelled images per class (the study's 1,000-image subset), the other
@@ -403,6 +416,11 @@ def aggregate(sweep, root, extra=()):
                           if sweep.show_top5 else {})})
       mean, std = _mean_std([r['head_1'] for r in runs])
       top5 = [r['head_1_top5'] for r in runs if r.get('head_1_top5') is not None]
+      extra_cols = {}
+      if sweep.show_ensemble:
+        extra_cols = {
+            'heads_mean': _mean_std([statistics.fmean(r['heads']) for r in runs]),
+            'ensemble': _mean_std([r['ensemble'] for r in runs])}
       heads = None
       if runs and sweep.show_heads:
         heads = [_mean_std([r['heads'][h] for r in runs])
@@ -410,7 +428,7 @@ def aggregate(sweep, root, extra=()):
       cells.append({'row': row.name, 'noise': noise, 'paper': row.paper,
                     'config': row.config, 'overrides': dict(row.overrides),
                     'n': len(runs), 'head_1_mean': mean, 'head_1_std': std,
-                    'heads': heads, 'runs': runs,
+                    'heads': heads, 'runs': runs, **extra_cols,
                     **({'head_1_top5': _mean_std(top5), 'n_top5': len(top5)}
                        if sweep.show_top5 else {})})
   title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
@@ -443,9 +461,13 @@ def to_markdown(table):
     header = '| training graph | head 1 | '
     header += 'head 1 top-5 | ' if with_top5 else ''
     header += 'every head (mean +- std) | ' if with_heads else ''
+    with_ensemble = any('ensemble' in c for c in table['cells'])
+    header += ('mean of the heads | ensemble of the heads (mean logits) | '
+               if with_ensemble else '')
     header += 'paper (analogous row) | run time (s) |'
     lines += [header, '|---|---|' + ('---|' if with_top5 else '')
-              + ('---|' if with_heads else '') + '---|---|']
+              + ('---|' if with_heads else '')
+              + ('---|---|' if with_ensemble else '') + '---|---|']
     for c in table['cells']:
       line = f'| {c["row"]} | {_fmt(c["head_1_mean"], c["head_1_std"], c["n"])} | '
       if with_top5:
@@ -454,6 +476,9 @@ def to_markdown(table):
         line += (' / '.join(f'{m:.2f} +- {s:.2f}' if c['n'] > 1 else f'{m:.2f}'
                             for m, s in c['heads'])
                  if c['heads'] else 'n/a') + ' | '
+      if with_ensemble:
+        line += (_fmt(*c['heads_mean'], c['n']) + ' | '
+                 + _fmt(*c['ensemble'], c['n']) + ' | ')
       times = _run_times(c['runs'])
       run_time = f'{statistics.fmean(times):.0f}' if times else '-'
       line += f'{c["paper"] or "-"} | {run_time} |'
@@ -534,6 +559,38 @@ def plot_factor(table, sweep, path):
   _plot(table, path, sweep.factor, lines, hlines, size=(5, 3.6))
 
 
+def plot_heads(table, path):
+  """Head 1, the mean of the heads and their ensemble per row (mean +- std)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  cells = [c for c in table['cells'] if c['n']]
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  bars = (('head 1', lambda c: (c['head_1_mean'], c['head_1_std'])),
+          ('mean of the heads', lambda c: c['heads_mean']),
+          ('ensemble of the heads', lambda c: c['ensemble']))
+  width = 0.8 / len(bars)
+  for k, (label, get) in enumerate(bars):
+    values = [get(c) for c in cells]
+    ax.bar([i + (k - 1) * width for i in range(len(cells))],
+           [v[0] for v in values], width,
+           yerr=[v[1] or 0.0 for v in values], capsize=2, label=label)
+  ax.set_xticks(range(len(cells)))
+  ax.set_xticklabels([c['row'] for c in cells], rotation=20, ha='right',
+                     fontsize=7)
+  if cells:
+    low = min(min(c['head_1_mean'], c['ensemble'][0]) for c in cells)
+    high = max(c['head_1_mean'] + (c['head_1_std'] or 0) for c in cells)
+    ax.set_ylim(max(0.0, low - 1.0), high + 0.5)
+  ax.set_ylabel('test error (%)')
+  ax.set_title(table['title'], fontsize=8)
+  ax.grid(alpha=0.3, axis='y')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):
   table = aggregate(sweep, root, extra)
   os.makedirs(out_dir, exist_ok=True)
@@ -546,6 +603,8 @@ def write_tables(sweep, root, out_dir=RESULTS, extra=()):
     plot_noise(table, os.path.join(out_dir, f'{table["sweep"]}.png'))
   if sweep.factor:
     plot_factor(table, sweep, os.path.join(out_dir, f'{table["sweep"]}.png'))
+  if sweep.show_ensemble:
+    plot_heads(table, os.path.join(out_dir, f'{table["sweep"]}.png'))
   return table
 
 

@@ -167,6 +167,29 @@ def test_top5_column_when_the_sweep_asks_for_it(tmp_path):
   assert 'top-5' not in sweep.to_markdown(sweep.aggregate(plain, str(tmp_path)))
 
 
+def test_mean_of_heads_and_ensemble_columns_when_the_sweep_asks(tmp_path):
+  sweep = _sweep_module()
+  for seed, (heads, ens) in enumerate((([10.0, 12.0], 9.0), ([11.0, 13.0], 10.0))):
+    workdir = tmp_path / 'ens' / 'h2' / f'seed_{seed}'
+    workdir.mkdir(parents=True)
+    (workdir / 'results.json').write_text(json.dumps({
+        'head_1_test_error': heads[0], 'head_test_errors': heads,
+        'ensemble_test_error': ens, 'steps': 10, 'median_step_time_s': 0.5}))
+  rows = (sweep.Row('h2', 'configs/fmnist_study.py:h2_simple',
+                    (('num_epochs', 1.0),)),)  # shares no run
+  with_ens = sweep.Sweep('ens', 'ens', rows, seeds=2, show_ensemble=True)
+  table = sweep.aggregate(with_ens, str(tmp_path))
+  assert table['cells'][0]['heads_mean'][0] == 11.5  # (11 + 12) / 2
+  assert table['cells'][0]['ensemble'][0] == 9.5
+  md = sweep.to_markdown(table)
+  assert '| mean of the heads | ensemble of the heads (mean logits) |' in md, md
+  assert '| 10.50 +- 0.71 (n=2) | 11.50 +- 0.71 (n=2) | 9.50 +- 0.71 (n=2) |' in md, md
+  sweep.plot_heads(table, str(tmp_path / 'ens.png'))
+  assert (tmp_path / 'ens.png').stat().st_size > 1000
+  plain = sweep.Sweep('ens', 'ens', rows, seeds=2)
+  assert 'ensemble' not in sweep.to_markdown(sweep.aggregate(plain, str(tmp_path)))
+
+
 def test_paired_comparison_against_the_baseline():
   sweep = _sweep_module()
   base = [{'seed': s, 'head_1': e} for s, e in enumerate((20.0, 21.0, 19.0))]

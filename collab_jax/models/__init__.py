@@ -18,7 +18,7 @@ from collab_jax.models.vit import vit
 
 NETWORKS = {
     **{f'cifar_resnet{d}': functools.partial(cifar_resnet, d)
-       for d in (8, 20, 32, 44, 56, 110)},
+       for d in (8, 14, 20, 32, 44, 56, 110)},
     'densenet40_12': functools.partial(densenet, 40, growth_rate=12),
     'resnet18_bottleneck': functools.partial(imagenet_resnet, (2, 2, 2, 2)),
     'resnet50': functools.partial(imagenet_resnet, (3, 4, 6, 3)),

@@ -1,0 +1,17 @@
+"""Fashion-MNIST at a larger scale: the clean-label study (experiments/README.md).
+
+A ResNet-14 (width 16) on a fixed 10,000-image class-balanced subset of
+Fashion-MNIST with standard augmentation (pad-and-crop, flip), 30 epochs with
+a cosine schedule; the test set whole. The argument after ':' names the
+training graph:
+
+  python -m collab_jax.main --config=configs/fmnist_scale.py:h4_hierarchical --workdir=runs/x
+
+Sweep: python experiments/sweep.py --sweep=fmnist_scale
+"""
+
+from collab_jax import recipes
+
+
+def get_config(graph='h4_hierarchical'):
+  return recipes.fashion_mnist_scale(graph)
