@@ -16,8 +16,10 @@ import time
 
 from absl import logging
 import jax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import orbax.checkpoint as ocp
 
 from collab_jax import errors
 from collab_jax import heads as heads_lib
@@ -28,7 +30,7 @@ from collab_jax import steps as steps_lib
 # is computed (logging, checkpoint cadence, where data lives, when to stop).
 RESUMABLE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'data_dir', 'halt_after_steps', 'progress', 'allow_config_change',
-                  'eval_every_epochs', 'max_nonfinite_streak')
+                  'eval_every_epochs', 'max_nonfinite_streak', 'cpu_devices')
 LOCK_FILE = 'trainer.lock'
 
 
@@ -244,12 +246,15 @@ def checkpoint_manager(workdir, config, cleanup=False):
   return manager
 
 
-def restore_latest(manager, abstract_state, corrupt_dir=None):
+def restore_latest(manager, abstract_state, corrupt_dir=None, sharding=None):
   """Restores the newest readable checkpoint; falls back past corrupt ones.
 
   Args:
     manager: the run's `CheckpointManager`.
     abstract_state: shapes and dtypes of the state (`jax.eval_shape`).
+    sharding: where every restored array goes; default: replicated over all
+      of `jax.devices()`. Never the saved topology, so that a run saved on one
+      device count resumes on another (`cpu_devices`, another machine).
     corrupt_dir: where the training run moves unreadable checkpoints newer
       than the one restored (`<corrupt_dir>/<step>_<time>`; never deleted).
       Left among the steps, a corrupt step would stop the manager from saving
@@ -263,6 +268,11 @@ def restore_latest(manager, abstract_state, corrupt_dir=None):
     WorkdirError: with `corrupt_dir`, when there are checkpoints but none is
       readable (nothing is moved then: a person should look).
   """
+  if sharding is None:
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), P())
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract_state)
   unreadable = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:

@@ -98,6 +98,21 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()  # cluster auto-detection (SLURM, Cloud TPU)
 
 
+def use_cpu_devices(config):
+  """Gives the CPU backend `config.cpu_devices` devices, before JAX starts it.
+
+  On a CPU host the batch is then sharded over that many devices, each
+  running its part of the step on its own thread (data parallelism), instead
+  of one device splitting each operation over the cores. No effect on GPUs
+  and TPUs.
+  """
+  n = config.get('cpu_devices', 1)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    _fail(f'config.cpu_devices: {n!r} must be an integer >= 1.')
+  if n > 1:
+    jax.config.update('jax_num_cpu_devices', n)
+
+
 def _fail(message):
   """How an input mistake ends: one `error:` line and exit status 2."""
   print(f'error: {message}', file=sys.stderr)
@@ -208,6 +223,7 @@ def main(argv):
   from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from collab_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  use_cpu_devices(config)
   maybe_initialize_distributed()
   try:
     if config.method == 'distillation':  # phase 1: the teachers, as their own runs

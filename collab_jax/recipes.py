@@ -94,6 +94,9 @@ def base_config():
   c.lr_decay_factor = 0.1
   c.warmup_epochs = 0.0
   c.batch_size = 128               # global batch over all devices and processes
+  c.cpu_devices = 1                # CPU only: split each host's cores into this many XLA devices and shard the batch over
+  #                                  them (data parallelism instead of intra-op threads; experiments/results/bench.md, Options).
+  #                                  Applied by collab_jax.main before JAX starts; other programs set jax_num_cpu_devices.
   c.eval_batch_size = 512
   c.num_epochs = 6.0
   c.num_train_steps = -1           # >0 overrides num_epochs

@@ -117,7 +117,8 @@ def _train(config, workdir, config_changes):
   try:
     state, restored_step = checkpointing.restore_latest(
         manager, jax.eval_shape(init),
-        corrupt_dir=os.path.join(workdir, 'corrupt_checkpoints'))
+        corrupt_dir=os.path.join(workdir, 'corrupt_checkpoints'),
+        sharding=replicated)
   except errors.WorkdirError:
     manager.close()
     raise

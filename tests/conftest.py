@@ -15,6 +15,14 @@ jax.config.update('jax_num_cpu_devices', 8)
 assert len(jax.devices()) == 8
 
 
+# The tests' programs are tiny: XLA's optimisation passes and LLVM's expensive
+# ones cost more compile time than they save at run time (the suite spends
+# most of its time compiling). Same maths, other code; COLLAB_JAX_TEST_FULL_OPT=1
+# runs the suite with the optimisations users get.
+FAST_COMPILE = ({} if os.environ.get('COLLAB_JAX_TEST_FULL_OPT') == '1' else
+                {'jax_disable_most_optimizations': True})
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache():
   """A persistent compilation cache for the session, subprocesses included.
@@ -25,7 +33,7 @@ def compilation_cache():
   the programs XLA would compile again, so results do not change.
   """
   with tempfile.TemporaryDirectory(prefix='collab_jax_test_cache_') as cache:
-    settings = {'jax_compilation_cache_dir': cache,
+    settings = {**FAST_COMPILE, 'jax_compilation_cache_dir': cache,
                 'jax_persistent_cache_min_compile_time_secs': 0,
                 'jax_persistent_cache_min_entry_size_bytes': 0}
     for name, value in settings.items():

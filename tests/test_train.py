@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import os
 import subprocess
 import sys
@@ -250,6 +251,7 @@ def _snapshot(workdir):
      "config.model.name: 'resnet9000' is an unknown network"),
     ('--config.data_dir=/nonexistent', 'Fashion-MNIST IDX files not found'),
     ('--config.num_train_steps=9', 'was made by a different config'),
+    ('--config.cpu_devices=0', 'config.cpu_devices: 0 must be an integer >= 1'),
 ])
 def test_bad_input_one_line_and_workdir_untouched(halted_run, override, expected):
   """Each mistake: exit code 2, one 'error:' line, the checkpoints untouched."""
@@ -261,6 +263,18 @@ def test_bad_input_one_line_and_workdir_untouched(halted_run, override, expected
   lines = [l for l in out.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
   assert expected in lines[0]
+
+
+def test_cpu_devices_may_change_when_a_run_resumes(halted_run, tmp_path):
+  """The run halted on 8 CPU devices finishes on the 2 that cpu_devices asks for."""
+  workdir, cfg = halted_run
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  out = _main([f'--config={cfg}', f'--workdir={run}', '--config.cpu_devices=2'])
+  assert out.returncode == 0, out.stderr[-2000:]
+  results = json.loads((run / 'results.json').read_text())
+  assert results['devices'] == 2 and results['steps'] == 6
+  assert np.isfinite(results['head_1_test_error'])
 
 
 def test_unknown_config_key_is_one_line(halted_run):
