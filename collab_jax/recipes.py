@@ -98,7 +98,7 @@ def base_config():
   #                                  them (data parallelism instead of intra-op threads; experiments/results/bench.md, Options).
   #                                  Applied by collab_jax.main before JAX starts; other programs set jax_num_cpu_devices.
   c.eval_batch_size = 512
-  c.num_epochs = 6.0
+  c.num_epochs = 7.0
   c.num_train_steps = -1           # >0 overrides num_epochs
   # Bookkeeping.
   c.eval_every_epochs = 1.0        # 0 = only at the end

@@ -505,6 +505,11 @@ OPTION_VARIANTS = {
     'XNNPACK graph fusion': {'extra_options': {
         'xla_cpu_experimental_xnn_graph_fusion_mode':
             'XNN_GRAPH_FUSION_MODE_GREEDY'}},
+    # oneDNN (PyTorch's CPU convolution library) inside XLA:CPU.
+    'oneDNN': {'extra_options': {'xla_cpu_use_onednn': True}},
+    'oneDNN custom calls': {'extra_options': {
+        'xla_cpu_use_onednn': True,
+        'xla_cpu_experimental_onednn_custom_call': True}},
 }
 
 
