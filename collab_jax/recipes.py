@@ -202,17 +202,15 @@ def fashion_mnist_scale(graph):
   whole 10k, evaluated every 5 epochs so every run records its curve.
   `graph` names any graph of `collab_jax.paper.GRAPHS`.
   """
-  c = base_config()
+  c = fashion_mnist_study(graph)
   c.model.name = 'cifar_resnet14'
-  c.model.kwargs = ml_collections.ConfigDict({'width': 16})
   c.train_subset = 10000
   c.augment = True
   c.num_epochs = 30.0
   c.eval_every_epochs = 5.0
   c.log_every_steps = 78
   c.checkpoint_every_steps = 390
-  c.label_smoothing = 0.05
-  return apply_graph(c, graph)
+  return apply_graph(c, graph)  # the splits again, for the new network
 
 
 SEMISUP_ROWS = ('supervised_single', 'supervised_h4_hierarchical',
