@@ -197,8 +197,8 @@ def fashion_mnist_scale(graph):
 
   The study's recipe made larger along every axis the pilot could afford on
   2 CPU cores: a CIFAR-style ResNet-14 (width 16) on a fixed, class-balanced
-  10,000-image subset with standard augmentation (pad 4 and crop, flip), 30
-  epochs (2,340 steps of 128) with a cosine schedule; the test set is the
+  10,000-image subset with standard augmentation (pad 4 and crop, flip), 20
+  epochs (1,560 steps of 128) with a cosine schedule; the test set is the
   whole 10k, evaluated every 5 epochs so every run records its curve.
   `graph` names any graph of `collab_jax.paper.GRAPHS`.
   """
@@ -206,7 +206,7 @@ def fashion_mnist_scale(graph):
   c.model.name = 'cifar_resnet14'
   c.train_subset = 10000
   c.augment = True
-  c.num_epochs = 30.0
+  c.num_epochs = 20.0
   c.eval_every_epochs = 5.0
   c.log_every_steps = 78
   c.checkpoint_every_steps = 390

@@ -1,7 +1,7 @@
 """Fashion-MNIST at a larger scale: the clean-label study (experiments/README.md).
 
 A ResNet-14 (width 16) on a fixed 10,000-image class-balanced subset of
-Fashion-MNIST with standard augmentation (pad-and-crop, flip), 30 epochs with
+Fashion-MNIST with standard augmentation (pad-and-crop, flip), 20 epochs with
 a cosine schedule; the test set whole. The argument after ':' names the
 training graph:
 
