@@ -360,17 +360,28 @@ def _mean_std(values):
 _T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def paired(base_runs, runs):
+# What a paired comparison can compare, by key: a label and the run's value.
+# Against a single network every one of them is its one head's error.
+METRICS = {
+    'head_1': ('head 1', lambda r: r['head_1']),
+    'heads_mean': ('mean of the heads', lambda r: statistics.fmean(r['heads'])),
+    'ensemble': ('ensemble of the heads', lambda r: r['ensemble']),
+}
+
+
+def paired(base_runs, runs, metric='head_1'):
   """Paired comparison of a row with the baseline row over their common seeds.
 
   Returns {n, diff, se, wins, t, verdict}: `diff` is the mean over seeds of
-  (row - baseline) head-1 error, `se` its standard error, `wins` the seeds in
-  which the row's error is lower. The verdict is 'better' or 'worse' when a
-  two-sided paired t-test rejects equality at the 5 % level, else 'tie'
-  (no difference shown); one pair decides nothing.
+  (row - baseline) error (`metric`, a key of METRICS; head 1 by default),
+  `se` its standard error, `wins` the seeds in which the row's error is
+  lower. The verdict is 'better' or 'worse' when a two-sided paired t-test
+  rejects equality at the 5 % level, else 'tie' (no difference shown); one
+  pair decides nothing.
   """
-  base = {r['seed']: r['head_1'] for r in base_runs}
-  diffs = [r['head_1'] - base[r['seed']] for r in runs if r['seed'] in base]
+  value = METRICS[metric][1]
+  base = {r['seed']: value(r) for r in base_runs}
+  diffs = [value(r) - base[r['seed']] for r in runs if r['seed'] in base]
   n = len(diffs)
   if n < 2:
     return {'n': n, 'diff': diffs[0] if diffs else None, 'se': None,
@@ -433,11 +444,14 @@ def aggregate(sweep, root, extra=()):
                        if sweep.show_top5 else {})})
   title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
   base = sweep.rows[0].name
+  # With the heads' columns shown, each of them is compared too (labelled).
+  metrics = ('head_1', 'heads_mean', 'ensemble') if sweep.show_ensemble else ('head_1',)
   comparisons = [
       {'row': c['row'], 'noise': c['noise'], 'baseline': base,
+       **({'metric': METRICS[m][0]} if sweep.show_ensemble else {}),
        **paired(next(b['runs'] for b in cells
-                     if b['row'] == base and b['noise'] == c['noise']), c['runs'])}
-      for c in cells if c['row'] != base]
+                     if b['row'] == base and b['noise'] == c['noise']), c['runs'], m)}
+      for m in metrics for c in cells if c['row'] != base]
   return {'sweep': variant_name(sweep, extra), 'title': title, 'seeds': sweep.seeds,
           'cells': cells, 'paired': comparisons}
 
@@ -485,19 +499,25 @@ def to_markdown(table):
       lines.append(line)
   if any(p['n'] for p in table['paired']):
     noisy = len(noise_levels) > 1
+    by_metric = any('metric' in p for p in table['paired'])
+    compared = ('the row\'s head 1, mean of the heads or ensemble against the '
+                'baseline\'s head 1' if by_metric else 'head 1 error')
     lines += ['', f'Paired by seed against "{table["paired"][0]["baseline"]}" '
-              '(row minus baseline, head 1 error in points; negative = the row is '
+              f'(row minus baseline, {compared} in points; negative = the row is '
               'better; verdict by a two-sided paired t-test at 5 %, see '
               'experiments/README.md):', '',
               '| training graph | ' + ('noise | ' if noisy else '')
+              + ('compared | ' if by_metric else '')
               + 'pairs | mean difference +- s.e. | seeds won | verdict |',
-              '|---|' + ('---|' if noisy else '') + '---|---|---|---|']
+              '|---|' + ('---|' if noisy else '') + ('---|' if by_metric else '')
+              + '---|---|---|---|']
     for p in table['paired']:
       if not p['n']:
         continue
       diff = (f'{p["diff"]:+.2f} +- {p["se"]:.2f}' if p['se'] is not None
               else f'{p["diff"]:+.2f}')
       lines.append(f'| {p["row"]} | ' + (f'{int(p["noise"] * 100)} % | ' if noisy else '')
+                   + (f'{p["metric"]} | ' if by_metric else '')
                    + f'{p["n"]} | {diff} | {p["wins"]}/{p["n"]} | {p["verdict"]} |')
   seen, total = set(), 0.0
   for c in table['cells']:

@@ -190,6 +190,36 @@ def test_mean_of_heads_and_ensemble_columns_when_the_sweep_asks(tmp_path):
   assert 'ensemble' not in sweep.to_markdown(sweep.aggregate(plain, str(tmp_path)))
 
 
+def test_heads_columns_are_each_paired_with_the_baseline_when_shown(tmp_path):
+  sweep = _sweep_module()
+  rows = (sweep.Row('one', 'configs/fmnist_study.py:single', (('num_epochs', 1.0),)),
+          sweep.Row('two', 'configs/fmnist_study.py:h2_simple', (('num_epochs', 1.0),)))
+  runs = {'one': (([20.0], 20.0), ([21.0], 21.0)),
+          # head 1 ties, the mean of the heads is worse, the ensemble better
+          'two': (([20.0, 22.0], 18.0), ([21.5, 23.5], 19.2))}
+  for name, per_seed in runs.items():
+    for seed, (heads, ens) in enumerate(per_seed):
+      workdir = tmp_path / 'pe' / name / f'seed_{seed}'
+      workdir.mkdir(parents=True)
+      (workdir / 'results.json').write_text(json.dumps({
+          'head_1_test_error': heads[0], 'head_test_errors': heads,
+          'ensemble_test_error': ens, 'steps': 10, 'median_step_time_s': 0.5}))
+  table = sweep.aggregate(sweep.Sweep('pe', 'pe', rows, seeds=2, show_ensemble=True),
+                          str(tmp_path))
+  by_metric = {p['metric']: p for p in table['paired']}
+  assert sorted(by_metric) == ['ensemble of the heads', 'head 1', 'mean of the heads']
+  assert by_metric['head 1']['diff'] == 0.25 and by_metric['head 1']['wins'] == 0
+  assert by_metric['mean of the heads']['diff'] == 1.25  # (21 - 20 + 22.5 - 21) / 2
+  assert abs(by_metric['ensemble of the heads']['diff'] + 1.9) < 1e-12
+  assert by_metric['ensemble of the heads']['wins'] == 2
+  md = sweep.to_markdown(table)
+  assert '| training graph | compared | pairs |' in md, md
+  assert '| two | ensemble of the heads | 2 | -1.90 +- 0.10 | 2/2 |' in md, md
+  # Without the heads' columns the comparison stays head 1 only, unlabelled.
+  plain = sweep.aggregate(sweep.Sweep('pe', 'pe', rows, seeds=2), str(tmp_path))
+  assert [p.get('metric') for p in plain['paired']] == [None]
+
+
 def test_paired_comparison_against_the_baseline():
   sweep = _sweep_module()
   base = [{'seed': s, 'head_1': e} for s, e in enumerate((20.0, 21.0, 19.0))]
