@@ -69,6 +69,11 @@ class Sweep:
   show_ensemble: bool = False
   # Sensitivity sweeps: the factor the rows' `x` values vary (plot's x axis).
   factor: str = ''
+  # Head 1's training and test error against epochs per row (mean over its
+  # runs), from each run's metrics.jsonl: a section of the table and a plot
+  # `<sweep>_curves.png`. The runs must evaluate during training
+  # (`eval_every_epochs`) for the test curve to have more than its end.
+  show_curves: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +163,7 @@ _add(Sweep('fmnist_scale', 'Clean labels at a larger scale: ResNet-14, 10k image
            'augmentation, 20 epochs', tuple(
                Row(_T1.label(g), f'{SCALE}:{g}', paper=_T1.text(g, 'ResNet-32'))
                for g in ('single', 'label_smoothing', 'h2_instances', 'h2_simple',
-                         'h4_hierarchical')), show_ensemble=True))
+                         'h4_hierarchical')), show_ensemble=True, show_curves=True))
 
 # Beyond the paper (its future work): semi-supervised collaborative learning.
 # 100 labelled images per class (the study's 1,000-image subset), the other
@@ -395,6 +400,41 @@ def paired(base_runs, runs, metric='head_1'):
           't': t, 'verdict': verdict}
 
 
+def _read_curve(path):
+  """Head 1's error per epoch in one run: ({epoch: train}, {epoch: test}).
+
+  Train is the mean over the log window's batches (one epoch in the curve
+  sweeps), test the evaluations during training and the final one. A
+  resumed run may log a step twice; the last record wins.
+  """
+  train, test = {}, {}
+  per_epoch = None
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  for r in records:
+    if r['kind'] == 'train' and r.get('epoch'):
+      per_epoch = r['step'] / r['epoch']
+  if per_epoch is None:
+    raise ValueError(f'{path} has no training records with an epoch; rerun '
+                     'the sweep with the current collab_jax.')
+  for r in records:
+    if r['kind'] in ('train', 'eval'):
+      epoch = round(r['step'] / per_epoch, 3)
+      (train if r['kind'] == 'train' else test)[epoch] = r['head_1/error']
+  return train, test
+
+
+def _mean_curve(paths):
+  """The mean over runs of their curves, at the epochs every run has."""
+  curves = [_read_curve(p) for p in paths]
+  out = {}
+  for k, name in enumerate(('train', 'test')):
+    epochs = sorted(set.intersection(*(set(c[k]) for c in curves))) if curves else []
+    out[f'{name}_epochs'] = epochs
+    out[name] = [statistics.fmean(c[k][e] for c in curves) for e in epochs]
+  return out
+
+
 def _fmt(mean, std, n):
   if mean is None:
     return 'n/a (0 runs)'
@@ -432,6 +472,9 @@ def aggregate(sweep, root, extra=()):
         extra_cols = {
             'heads_mean': _mean_std([statistics.fmean(r['heads']) for r in runs]),
             'ensemble': _mean_std([r['ensemble'] for r in runs])}
+      if sweep.show_curves:
+        extra_cols['curve'] = _mean_curve(
+            [os.path.join(root, r['workdir'], 'metrics.jsonl') for r in runs])
       heads = None
       if runs and sweep.show_heads:
         heads = [_mean_std([r['heads'][h] for r in runs])
@@ -519,6 +562,20 @@ def to_markdown(table):
       lines.append(f'| {p["row"]} | ' + (f'{int(p["noise"] * 100)} % | ' if noisy else '')
                    + (f'{p["metric"]} | ' if by_metric else '')
                    + f'{p["n"]} | {diff} | {p["wins"]}/{p["n"]} | {p["verdict"]} |')
+  curves = [c for c in table['cells'] if c.get('curve') and c['curve']['test']]
+  if curves:
+    epochs = sorted(set.union(*(set(c['curve']['test_epochs']) for c in curves)))
+    lines += ['', 'Head 1 error (%) against epochs, train / test, mean over each '
+              "row's finished runs (train: the epoch's augmented batches as the "
+              'network trained through them; test: the test set):', '',
+              '| training graph | ' + ' | '.join(f'epoch {e:g}' for e in epochs) + ' |',
+              '|---|' + '---|' * len(epochs)]
+    for c in curves:
+      train = dict(zip(c['curve']['train_epochs'], c['curve']['train']))
+      test = dict(zip(c['curve']['test_epochs'], c['curve']['test']))
+      lines.append(f'| {c["row"]} (n={c["n"]}) | ' + ' | '.join(
+          (f'{train[e]:.2f}' if e in train else '-') + ' / '
+          + (f'{test[e]:.2f}' if e in test else '-') for e in epochs) + ' |')
   seen, total = set(), 0.0
   for c in table['cells']:
     for r in c['runs']:
@@ -611,6 +668,29 @@ def plot_heads(table, path):
   plt.close(fig)
 
 
+def plot_curves(table, path):
+  """Head 1's train (dashed) and test (solid) error against epochs per row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, c in enumerate(c for c in table['cells'] if c.get('curve') and c['n']):
+    color = f'C{i}'
+    ax.plot(c['curve']['train_epochs'], c['curve']['train'], ls='--', color=color)
+    ax.plot(c['curve']['test_epochs'], c['curve']['test'], marker='o', color=color,
+            label=f'{c["row"]} (n={c["n"]})')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('head 1 error (%): train dashed, test solid')
+  tops = [max(c['curve']['test']) for c in table['cells'] if c.get('curve') and c['n']]
+  ax.set_ylim(0, max(tops, default=20.0) + 5.0)  # early training errors clipped
+  ax.set_title(table['title'], fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):
   table = aggregate(sweep, root, extra)
   os.makedirs(out_dir, exist_ok=True)
@@ -625,6 +705,8 @@ def write_tables(sweep, root, out_dir=RESULTS, extra=()):
     plot_factor(table, sweep, os.path.join(out_dir, f'{table["sweep"]}.png'))
   if sweep.show_ensemble:
     plot_heads(table, os.path.join(out_dir, f'{table["sweep"]}.png'))
+  if sweep.show_curves:
+    plot_curves(table, os.path.join(out_dir, f'{table["sweep"]}_curves.png'))
   return table
 
 

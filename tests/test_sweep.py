@@ -220,6 +220,40 @@ def test_heads_columns_are_each_paired_with_the_baseline_when_shown(tmp_path):
   assert [p.get('metric') for p in plain['paired']] == [None]
 
 
+def test_curves_section_averages_each_rows_runs_from_their_metrics(tmp_path):
+  sweep = _sweep_module()
+  rows = (sweep.Row('one', 'configs/fmnist_study.py:single', (('num_epochs', 1.0),)),)
+  # Two runs of 2 epochs at 10 steps an epoch; seed 1 was resumed and logged
+  # step 10 twice (the last record counts).
+  logs = {0: [('train', 10, 30.0), ('eval', 10, 25.0), ('train', 20, 10.0),
+              ('eval', 20, 15.0)],
+          1: [('train', 10, 50.0), ('train', 10, 32.0), ('eval', 10, 27.0),
+              ('train', 20, 12.0), ('eval', 20, 17.0)]}
+  for seed, records in logs.items():
+    workdir = tmp_path / 'cv' / 'one' / f'seed_{seed}'
+    workdir.mkdir(parents=True)
+    (workdir / 'results.json').write_text(json.dumps({
+        'head_1_test_error': records[-1][2], 'head_test_errors': [records[-1][2]],
+        'ensemble_test_error': records[-1][2], 'steps': 20, 'median_step_time_s': 0.5}))
+    (workdir / 'metrics.jsonl').write_text(''.join(
+        json.dumps({'step': step, 'kind': kind, 'head_1/error': err,
+                    **({'epoch': step / 10} if kind == 'train' else {})}) + '\n'
+        for kind, step, err in records)
+        + json.dumps({'step': 20, 'kind': 'final', 'head_1_test_error': 1.0}) + '\n')
+  with_curves = sweep.Sweep('cv', 'cv', rows, seeds=2, show_curves=True)
+  table = sweep.aggregate(with_curves, str(tmp_path))
+  assert table['cells'][0]['curve'] == {
+      'train_epochs': [1.0, 2.0], 'train': [31.0, 11.0],
+      'test_epochs': [1.0, 2.0], 'test': [26.0, 16.0]}
+  md = sweep.to_markdown(table)
+  assert '| training graph | epoch 1 | epoch 2 |' in md, md
+  assert '| one (n=2) | 31.00 / 26.00 | 11.00 / 16.00 |' in md, md
+  sweep.plot_curves(table, str(tmp_path / 'cv.png'))
+  assert (tmp_path / 'cv.png').stat().st_size > 1000
+  assert 'epoch 1' not in sweep.to_markdown(
+      sweep.aggregate(sweep.Sweep('cv', 'cv', rows, seeds=2), str(tmp_path)))
+
+
 def test_paired_comparison_against_the_baseline():
   sweep = _sweep_module()
   base = [{'seed': s, 'head_1': e} for s, e in enumerate((20.0, 21.0, 19.0))]
