@@ -19,6 +19,7 @@ are defined here too; run them on accelerators with the same command.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -593,26 +594,37 @@ def _run_times(runs):
   return [r['steps'] * r['step_time_s'] for r in runs if r.get('step_time_s')]
 
 
-def _plot(table, path, xlabel, lines, hlines=(), size=(5.5, 4)):
-  """Head 1 error (mean +- std) of `lines` [(label, xs, cells)] against x."""
+@contextlib.contextmanager
+def _figure(table, path, size, ylabel, xlabel=None, fontsize=8, grid='both'):
+  """Yields the axes of a new figure; then labels it and saves it to `path`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=size)
-  for label, xs, cells in lines:
-    ax.errorbar(xs, [c['head_1_mean'] for c in cells],
-                yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
-                label=label)
-  for label, y in hlines:
-    ax.axhline(y, color='gray', ls='--', label=label)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel('head 1 test error (%)')
-  ax.set_title(table['title'], fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  try:
+    yield ax
+    if xlabel:
+      ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(table['title'], fontsize=fontsize + 1)
+    ax.grid(alpha=0.3, axis=grid)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before any run
+      ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
+
+
+def _plot(table, path, xlabel, lines, hlines=(), size=(5.5, 4)):
+  """Head 1 error (mean +- std) of `lines` [(label, xs, cells)] against x."""
+  with _figure(table, path, size, 'head 1 test error (%)', xlabel) as ax:
+    for label, xs, cells in lines:
+      ax.errorbar(xs, [c['head_1_mean'] for c in cells],
+                  yerr=[c['head_1_std'] for c in cells], marker='o', capsize=3,
+                  label=label)
+    for label, y in hlines:
+      ax.axhline(y, color='gray', ls='--', label=label)
 
 
 def plot_noise(table, path):
@@ -638,57 +650,37 @@ def plot_factor(table, sweep, path):
 
 def plot_heads(table, path):
   """Head 1, the mean of the heads and their ensemble per row (mean +- std)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cells = [c for c in table['cells'] if c['n']]
-  fig, ax = plt.subplots(figsize=(7, 3.8))
   bars = (('head 1', lambda c: (c['head_1_mean'], c['head_1_std'])),
           ('mean of the heads', lambda c: c['heads_mean']),
           ('ensemble of the heads', lambda c: c['ensemble']))
   width = 0.8 / len(bars)
-  for k, (label, get) in enumerate(bars):
-    values = [get(c) for c in cells]
-    ax.bar([i + (k - 1) * width for i in range(len(cells))],
-           [v[0] for v in values], width,
-           yerr=[v[1] or 0.0 for v in values], capsize=2, label=label)
-  ax.set_xticks(range(len(cells)))
-  ax.set_xticklabels([c['row'] for c in cells], rotation=20, ha='right',
-                     fontsize=7)
-  if cells:
-    low = min(min(c['head_1_mean'], c['ensemble'][0]) for c in cells)
-    high = max(c['head_1_mean'] + (c['head_1_std'] or 0) for c in cells)
-    ax.set_ylim(max(0.0, low - 1.0), high + 0.5)
-  ax.set_ylabel('test error (%)')
-  ax.set_title(table['title'], fontsize=8)
-  ax.grid(alpha=0.3, axis='y')
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with _figure(table, path, (7, 3.8), 'test error (%)', fontsize=7, grid='y') as ax:
+    for k, (label, get) in enumerate(bars):
+      values = [get(c) for c in cells]
+      ax.bar([i + (k - 1) * width for i in range(len(cells))],
+             [v[0] for v in values], width,
+             yerr=[v[1] or 0.0 for v in values], capsize=2, label=label)
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([c['row'] for c in cells], rotation=20, ha='right',
+                       fontsize=7)
+    if cells:
+      low = min(min(c['head_1_mean'], c['ensemble'][0]) for c in cells)
+      high = max(c['head_1_mean'] + (c['head_1_std'] or 0) for c in cells)
+      ax.set_ylim(max(0.0, low - 1.0), high + 0.5)
 
 
 def plot_curves(table, path):
   """Head 1's train (dashed) and test (solid) error against epochs per row."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for i, c in enumerate(c for c in table['cells'] if c.get('curve') and c['n']):
-    color = f'C{i}'
-    ax.plot(c['curve']['train_epochs'], c['curve']['train'], ls='--', color=color)
-    ax.plot(c['curve']['test_epochs'], c['curve']['test'], marker='o', color=color,
-            label=f'{c["row"]} (n={c["n"]})')
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('head 1 error (%): train dashed, test solid')
-  tops = [max(c['curve']['test']) for c in table['cells'] if c.get('curve') and c['n']]
-  ax.set_ylim(0, max(tops, default=20.0) + 5.0)  # early training errors clipped
-  ax.set_title(table['title'], fontsize=8)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  cells = [c for c in table['cells'] if c.get('curve') and c['n']]
+  with _figure(table, path, (6, 4), 'head 1 error (%): train dashed, test solid',
+               'epoch', fontsize=7) as ax:
+    for i, c in enumerate(cells):
+      ax.plot(c['curve']['train_epochs'], c['curve']['train'], ls='--', color=f'C{i}')
+      ax.plot(c['curve']['test_epochs'], c['curve']['test'], marker='o',
+              color=f'C{i}', label=f'{c["row"]} (n={c["n"]})')
+    # Early training errors (about 40 % in epoch 1) are clipped.
+    ax.set_ylim(0, max((max(c['curve']['test']) for c in cells), default=20.0) + 5.0)
 
 
 def write_tables(sweep, root, out_dir=RESULTS, extra=()):
