@@ -488,14 +488,16 @@ def aggregate(sweep, root, extra=()):
                        if sweep.show_top5 else {})})
   title = sweep.title + (f' ({" ".join(extra)})' if extra else '')
   base = sweep.rows[0].name
-  # With the heads' columns shown, each of them is compared too (labelled).
+  # With the heads' columns shown, each of them is compared too (labelled),
+  # for rows with several heads (with one head all three are head 1).
   metrics = ('head_1', 'heads_mean', 'ensemble') if sweep.show_ensemble else ('head_1',)
   comparisons = [
       {'row': c['row'], 'noise': c['noise'], 'baseline': base,
        **({'metric': METRICS[m][0]} if sweep.show_ensemble else {}),
        **paired(next(b['runs'] for b in cells
                      if b['row'] == base and b['noise'] == c['noise']), c['runs'], m)}
-      for m in metrics for c in cells if c['row'] != base]
+      for m in metrics for c in cells if c['row'] != base
+      and (m == 'head_1' or any(len(r['heads']) > 1 for r in c['runs']))]
   return {'sweep': variant_name(sweep, extra), 'title': title, 'seeds': sweep.seeds,
           'cells': cells, 'paired': comparisons}
 

@@ -193,10 +193,12 @@ def test_mean_of_heads_and_ensemble_columns_when_the_sweep_asks(tmp_path):
 def test_heads_columns_are_each_paired_with_the_baseline_when_shown(tmp_path):
   sweep = _sweep_module()
   rows = (sweep.Row('one', 'configs/fmnist_study.py:single', (('num_epochs', 1.0),)),
-          sweep.Row('two', 'configs/fmnist_study.py:h2_simple', (('num_epochs', 1.0),)))
+          sweep.Row('two', 'configs/fmnist_study.py:h2_simple', (('num_epochs', 1.0),)),
+          sweep.Row('ls', 'configs/fmnist_study.py:label_smoothing', (('num_epochs', 1.0),)))
   runs = {'one': (([20.0], 20.0), ([21.0], 21.0)),
           # head 1 ties, the mean of the heads is worse, the ensemble better
-          'two': (([20.0, 22.0], 18.0), ([21.5, 23.5], 19.2))}
+          'two': (([20.0, 22.0], 18.0), ([21.5, 23.5], 19.2)),
+          'ls': (([19.0], 19.0), ([20.0], 20.0))}  # one head: head 1 only
   for name, per_seed in runs.items():
     for seed, (heads, ens) in enumerate(per_seed):
       workdir = tmp_path / 'pe' / name / f'seed_{seed}'
@@ -206,7 +208,9 @@ def test_heads_columns_are_each_paired_with_the_baseline_when_shown(tmp_path):
           'ensemble_test_error': ens, 'steps': 10, 'median_step_time_s': 0.5}))
   table = sweep.aggregate(sweep.Sweep('pe', 'pe', rows, seeds=2, show_ensemble=True),
                           str(tmp_path))
-  by_metric = {p['metric']: p for p in table['paired']}
+  assert [(p['row'], p['metric']) for p in table['paired'] if p['row'] == 'ls'] == [
+      ('ls', 'head 1')]
+  by_metric = {p['metric']: p for p in table['paired'] if p['row'] == 'two'}
   assert sorted(by_metric) == ['ensemble of the heads', 'head 1', 'mean of the heads']
   assert by_metric['head 1']['diff'] == 0.25 and by_metric['head 1']['wins'] == 0
   assert by_metric['mean of the heads']['diff'] == 1.25  # (21 - 20 + 22.5 - 21) / 2
@@ -217,7 +221,7 @@ def test_heads_columns_are_each_paired_with_the_baseline_when_shown(tmp_path):
   assert '| two | ensemble of the heads | 2 | -1.90 +- 0.10 | 2/2 |' in md, md
   # Without the heads' columns the comparison stays head 1 only, unlabelled.
   plain = sweep.aggregate(sweep.Sweep('pe', 'pe', rows, seeds=2), str(tmp_path))
-  assert [p.get('metric') for p in plain['paired']] == [None]
+  assert [p.get('metric') for p in plain['paired']] == [None, None]
 
 
 def test_curves_section_averages_each_rows_runs_from_their_metrics(tmp_path):
