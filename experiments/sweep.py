@@ -470,9 +470,8 @@ def aggregate(sweep, root, extra=()):
       top5 = [r['head_1_top5'] for r in runs if r.get('head_1_top5') is not None]
       extra_cols = {}
       if sweep.show_ensemble:
-        extra_cols = {
-            'heads_mean': _mean_std([statistics.fmean(r['heads']) for r in runs]),
-            'ensemble': _mean_std([r['ensemble'] for r in runs])}
+        extra_cols = {k: _mean_std([METRICS[k][1](r) for r in runs])
+                      for k in ('heads_mean', 'ensemble')}
       if sweep.show_curves:
         extra_cols['curve'] = _mean_curve(
             [os.path.join(root, r['workdir'], 'metrics.jsonl') for r in runs])
