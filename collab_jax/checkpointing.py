@@ -30,7 +30,8 @@ from collab_jax import steps as steps_lib
 # is computed (logging, checkpoint cadence, where data lives, when to stop).
 RESUMABLE_KEYS = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                   'data_dir', 'halt_after_steps', 'progress', 'allow_config_change',
-                  'eval_every_epochs', 'max_nonfinite_streak', 'cpu_devices')
+                  'eval_every_epochs', 'max_nonfinite_streak', 'cpu_devices',
+                  'eval_train_clean')
 LOCK_FILE = 'trainer.lock'
 
 

@@ -126,7 +126,7 @@ def _check_combinations(config, heads):
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   if config.dataset in data_lib.STREAMING_DATASETS:
-    for key in ('labeled_per_class', 'label_noise'):
+    for key in ('labeled_per_class', 'label_noise', 'eval_train_clean'):
       if config[key]:
         _bad(key, f'not supported for streamed {config.dataset}; use an '
              'in-memory dataset.')

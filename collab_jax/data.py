@@ -2,7 +2,7 @@
 
 import dataclasses
 import itertools
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -30,6 +30,9 @@ class DataSource:
   steps_per_epoch: int
   train_iter: Callable[[int], Iterator[dict]]  # start step -> batches from it on
   eval_batches: Callable[[], Iterator[dict]]   # the whole test set, once
+  # The whole training set (the run's subset), once, with its clean labels;
+  # None where the data is streamed.
+  train_eval_batches: Optional[Callable[[], Iterator[dict]]] = None
 
 
 def to_global(local, sharding):
@@ -112,12 +115,12 @@ def _in_memory(config):
             'label': np.where(labeled, labels, -1).astype(np.int32),
             'labeled': labeled}
 
-  def eval_batches():
-    for b in input_pipeline.eval_batches(ds.test_images, ds.test_labels,
-                                         config.eval_batch_size):
+  def eval_batches(images, labels):
+    for b in input_pipeline.eval_batches(images, labels, config.eval_batch_size):
       yield {k: sampling.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
 
   return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
                     {'mean': ds.mean, 'std': ds.std}, per_epoch,
                     lambda start: map(batch, itertools.count(start)),
-                    eval_batches)
+                    lambda: eval_batches(ds.test_images, ds.test_labels),
+                    lambda: eval_batches(ds.train_images, ds.train_labels))

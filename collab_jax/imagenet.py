@@ -3,6 +3,7 @@
 import numpy as np
 
 from collab_jax import input_pipeline
+from collab_jax import streams
 
 # ImageNet channel statistics in [0, 1] pixel units (the values used by
 # torchvision and the Flax ImageNet example).
@@ -120,7 +121,7 @@ def imagenet_iterator(split, *, global_batch, process_index, process_count,
       split, process_index=process_index, process_count=process_count,
       drop_remainder=training)
   # Per-process seeds: shares must not be shuffled/augmented in lockstep.
-  tf_seed = int(np.random.default_rng([seed, process_index]).integers(2**31))
+  tf_seed = int(streams.rng('imagenet', seed, process_index).integers(2**31))
   options = tf.data.Options()
   options.deterministic = True
   try:

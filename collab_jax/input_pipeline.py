@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from collab_jax import streams
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 TFDS_DATASETS = ('fashion_mnist', 'cifar10', 'cifar100')
 KNOWN_DATASETS = ('fashion_mnist_local',) + TFDS_DATASETS
@@ -282,7 +284,7 @@ def balanced_subset(labels, size, *, seed):
     raise DatasetError(
         f'train_subset={size} but the training set has {labels.shape[0]} '
         'examples: set --config.train_subset between 1 and that (0 = all).')
-  rng = np.random.default_rng([seed, 0x5eb5e7])
+  rng = streams.rng('subset', seed)
   order = rng.permutation(labels.shape[0])
   shuffled = labels[order]
   # Rank of each example among the examples of its class, in shuffled order.

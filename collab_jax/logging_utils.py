@@ -1,8 +1,10 @@
 """Run logs: JSON lines, TensorBoard event files, the console, run facts."""
 
+import functools
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -142,6 +144,32 @@ def versions():
     except importlib.metadata.PackageNotFoundError:
       pass
   return out
+
+
+@functools.cache
+def source_revision():
+  """The git commit of the collab_jax source that runs, and whether it was dirty.
+
+  `commit` is None when the package does not run from a git checkout (an
+  installed wheel); `dirty` is True when tracked or untracked, not ignored,
+  files differ from that commit (then the commit alone does not say what
+  ran).
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=here, capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip()
+  try:
+    commit = git('rev-parse', 'HEAD')
+    dirty = bool(git('status', '--porcelain'))
+  except (OSError, subprocess.SubprocessError):
+    return {'commit': None, 'dirty': None}
+  return {'commit': commit, 'dirty': dirty}
+
+
+def provenance():
+  """What computed a run: the source revision and the library versions."""
+  return {**source_revision(), 'versions': versions()}
 
 
 def peak_memory_bytes():

@@ -9,6 +9,7 @@ import functools
 import numpy as np
 
 from collab_jax import input_pipeline
+from collab_jax import streams
 
 
 # ----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ def steps_per_epoch(num_examples, global_batch):
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(seed, epoch, num_examples):
   """The example order of one epoch (cached: consecutive steps share it)."""
-  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  perm = streams.rng('order', seed, epoch).permutation(num_examples)
   perm.flags.writeable = False
   return perm
 
@@ -38,7 +39,7 @@ def train_indices(step, *, num_examples, global_batch, seed):
   """Indices of the training examples of global batch `step`.
 
   Epoch `e = step // steps_per_epoch` visits the examples in the order of
-  `np.random.default_rng([seed, e]).permutation(num_examples)`, dropping the
+  `streams.rng('order', seed, e).permutation(num_examples)`, dropping the
   last incomplete batch. Being a function of `step` alone, a resumed run sees
   exactly the batches an uninterrupted run would.
 
@@ -62,7 +63,7 @@ def train_indices(step, *, num_examples, global_batch, seed):
 @functools.lru_cache(maxsize=4)
 def _stream_permutation(seed, stream, epoch, num_examples):
   """`_epoch_permutation` of one of several independent example streams."""
-  perm = np.random.default_rng([seed, stream, epoch]).permutation(num_examples)
+  perm = streams.rng(stream, seed, epoch).permutation(num_examples)
   perm.flags.writeable = False
   return perm
 
@@ -82,11 +83,11 @@ class LabeledSplit:
   global_batch)` labelled examples first, then `global_batch -
   labeled_per_batch` unlabelled ones. Each part walks through its own pool in
   epochs, with its own permutation per epoch (as `train_indices`, from
-  `(run_seed, stream, epoch)`), so the batch of a step is a pure function of
+  their own streams `(run_seed, epoch)`), so the batch of a step is a pure function of
   `(run_seed, step)` and a resumed run sees exactly the same batches.
   """
 
-  _LABELED_STREAM, _UNLABELED_STREAM = 0x1abe1ed, 0x0b1abe1
+  _LABELED_STREAM, _UNLABELED_STREAM = 'labeled_order', 'unlabeled_order'
 
   def __init__(self, labels, labeled_per_class, num_classes, *, seed,
                global_batch, labeled_fraction):
@@ -209,7 +210,7 @@ class LabelNoise:
     self.seed = int(seed)
     self.run_seed = None if run_seed is None else int(run_seed)
     self.num_corrupted = int(round(level * num_examples))
-    rng = np.random.default_rng([self.seed, 0])
+    rng = streams.rng('noise_set', self.seed)
     chosen = rng.choice(self.num_examples, self.num_corrupted, replace=False)
     self.corrupted = np.zeros(self.num_examples, bool)
     self.corrupted[chosen] = True
@@ -220,9 +221,9 @@ class LabelNoise:
     """Noisy labels of all N examples for `epoch` (the last epoch is cached)."""
     if epoch != self._cached_epoch:
       if self.run_seed is None:
-        rng = np.random.default_rng([self.seed, 1, epoch])
+        rng = streams.rng('noise_shared', self.seed, epoch)
       else:
-        rng = np.random.default_rng([self.seed, 2, self.run_seed, epoch])
+        rng = streams.rng('noise_per_run', self.seed, self.run_seed, epoch)
       self._cached_draw = rng.integers(
           0, self.num_classes, self.num_examples, dtype=np.int32)
       self._cached_epoch = epoch

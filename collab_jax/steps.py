@@ -26,6 +26,7 @@ from collab_jax import heads as heads_lib
 from collab_jax import losses
 from collab_jax import models
 from collab_jax import semisup
+from collab_jax import streams
 
 LR_SCHEDULES = ('step', 'cosine', 'constant')
 
@@ -258,7 +259,7 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
   Returns:
     The new state and a dict of (sum, count) metric pairs.
   """
-  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  rng = streams.augment_key(config.seed, state.step)
   images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
   labels = batch['label']
   scale = heads_lib.loss_scale(config.model.rescale, model.num_heads)
@@ -309,7 +310,7 @@ def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
   per head). The loss of head `h` is the paper's `L_h` with its consensus.
   """
   del teacher_vars
-  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  rng = streams.augment_key(config.seed, state.step)
   images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
   labels = batch['label']
   params, batch_stats, opt_state = state.params, state.batch_stats, state.opt_state

@@ -24,6 +24,7 @@ from collab_jax import errors
 from collab_jax import logging_utils
 from collab_jax import signals
 from collab_jax import steps
+from collab_jax import streams
 from collab_jax import teachers
 
 
@@ -112,7 +113,7 @@ def _train(config, workdir, config_changes):
   tx = steps.create_optimizer(config, lr_fn)
 
   def init():
-    return steps.create_train_state(jax.random.key(config.seed), config, model,
+    return steps.create_train_state(streams.init_key(config.seed), config, model,
                                     data.image_shape, tx)
   try:
     state, restored_step = checkpointing.restore_latest(
@@ -143,9 +144,9 @@ def _train(config, workdir, config_changes):
                                    data_stats=data.stats,
                                    teacher_apply=teacher_apply)
 
-  def evaluate(state):
+  def evaluate(state, batches=data.eval_batches):
     acc = None
-    for local in data.eval_batches():
+    for local in batches():
       batch = data_lib.to_global(local, data_sharding)
       acc = steps.accumulate(acc, eval_step(state, batch, teacher_vars))
     return steps.reduce_metrics(acc)
@@ -162,7 +163,7 @@ def _train(config, workdir, config_changes):
               'train_examples': data.num_train,
               'compile_s': time.time() - t_compile,
               **logging_utils.compiled_stats(compiled),
-              'versions': logging_utils.versions()}
+              **logging_utils.provenance()}
   if is_main:
     logging_utils.write_json_atomic(os.path.join(workdir, 'run_info.json'), run_info)
   logging_utils.console(
@@ -212,6 +213,8 @@ def _train(config, workdir, config_changes):
               '--config.allow_config_change=True to resume) or check the data.')
       if eval_every and step % eval_every == 0 and step < num_steps:
         writer.write(step, evaluate(state), 'eval')
+        if config.eval_train_clean:
+          writer.write(step, evaluate(state, data.train_eval_batches), 'eval_train')
       # Every checkpoint_every_steps steps (the manager's policy), and the last.
       manager.save(step, args=ocp.args.StandardSave(state),
                    force=step == num_steps)
@@ -256,6 +259,13 @@ def _train(config, workdir, config_changes):
       'peak_memory_bytes': logging_utils.peak_memory_bytes(),
       **run_info,
   }
+  if config.eval_train_clean:  # the fit: clean labels, no augmentation
+    fit = evaluate(state, data.train_eval_batches)
+    writer.write(num_steps, fit, 'eval_train')
+    results.update(
+        head_1_train_error_clean=fit['head_1/error'],
+        head_train_errors_clean=[fit[f'head_{h + 1}/error'] for h in range(heads)],
+        ensemble_train_error_clean=fit['ensemble/error'])
   if teacher_errors is not None:
     results['teacher_test_errors'] = teacher_errors
     results['teacher_ensemble_test_error'] = final['teachers/error']

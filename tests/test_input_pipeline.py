@@ -17,6 +17,7 @@ from collab_jax import augment  # pylint: disable=g-import-not-at-top
 from collab_jax import imagenet  # pylint: disable=g-import-not-at-top
 from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from collab_jax import sampling  # pylint: disable=g-import-not-at-top
+from collab_jax import streams  # pylint: disable=g-import-not-at-top
 import testutil  # pylint: disable=g-import-not-at-top
 
 tfds = input_pipeline.import_tfds()  # Also hides GPUs from TF.
@@ -137,7 +138,7 @@ def test_train_indices_epochs_are_permutations():
     assert set(order) <= set(range(50))
   assert not np.array_equal(epochs[0], epochs[1])
   np.testing.assert_array_equal(
-      epochs[1][:8], np.random.default_rng([3, 1]).permutation(50)[:8])
+      epochs[1][:8], streams.rng('order', 3, 1).permutation(50)[:8])
   other_seed = sampling.train_indices(0, num_examples=50, global_batch=8,
                                             seed=4)
   assert not np.array_equal(other_seed, epochs[0][:8])
@@ -230,7 +231,7 @@ def test_label_noise_draws_per_run():
     np.testing.assert_array_equal(resumed.labels(idx, true, epoch), a)
   # Shared draws (run_seed=None) are one sequence for every run, unchanged.
   shared = sampling.LabelNoise(n, classes, 0.4, seed=5)
-  expected = np.where(bad, np.random.default_rng([5, 1, 3]).integers(
+  expected = np.where(bad, streams.rng('noise_shared', 5, 3).integers(
       0, classes, n, dtype=np.int32), true)
   np.testing.assert_array_equal(shared.labels(idx, true, 3), expected)
 
