@@ -1,4 +1,7 @@
-"""The input mistakes the trainer answers with one `error:` line (see main.py)."""
+"""The input mistakes the trainer answers with one `error:` line (see main.py).
+
+Plain Python, imported by the data package and the trainer alike.
+"""
 
 import contextlib
 
@@ -9,6 +12,10 @@ class ConfigError(ValueError):
 
 class WorkdirError(ValueError):
   """The workdir belongs to another run or is damaged; the message says what to do."""
+
+
+class DatasetError(ValueError):
+  """A dataset is missing, corrupt or unknown; the message says the fix."""
 
 
 class NonFiniteError(RuntimeError):

@@ -220,8 +220,7 @@ def main(argv):
   config = load_config()
   # Import late so that --help answers without loading TensorFlow or JAX backends.
   from collab_jax import errors  # pylint: disable=g-import-not-at-top
-  from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from collab_jax import train  # pylint: disable=g-import-not-at-top
+  from collab_jax.trainer import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   use_cpu_devices(config)
   maybe_initialize_distributed()
@@ -231,7 +230,7 @@ def main(argv):
         return
     train.train_and_evaluate(config, FLAGS.workdir)
   except (errors.ConfigError, errors.WorkdirError, errors.NonFiniteError,
-          input_pipeline.DatasetError) as e:
+          errors.DatasetError) as e:
     _fail(e)
   except KeyboardInterrupt:  # Ctrl-C twice in the training loop
     _interrupted()

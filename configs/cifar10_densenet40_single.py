@@ -11,7 +11,7 @@ the target is the difference between rows, not the paper's absolute numbers.
 Cost: 300 epochs x 50k = 15M images through the training graph; measured throughput per graph: experiments/results/bench.md.
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config():

@@ -10,7 +10,7 @@ the target is the difference between rows, not the paper's absolute numbers.
 Cost: 164 epochs x 50k = 8.2M images through the training graph; measured throughput per graph: experiments/results/bench.md.
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config():

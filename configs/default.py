@@ -11,7 +11,7 @@ cores (JAX 0.12), head 1 test error 9.79 % (seed 0; one core per run: 9.87 %).
 6 epochs gave 10.34-10.44 %.
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config():

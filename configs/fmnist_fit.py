@@ -11,7 +11,7 @@ Sweep: python experiments/sweep.py --sweep=fmnist_fit (experiments/README.md).
 Cost on one core of a 2-core machine: see the sweep's table (run time).
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config(graph='single'):

@@ -10,7 +10,7 @@ training graph:
 Sweep: python experiments/sweep.py --sweep=fmnist_scale
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config(graph='h4_hierarchical'):

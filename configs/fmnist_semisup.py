@@ -13,7 +13,7 @@ Expected runtime on 2 CPU cores: 3-6 minutes a run (experiments/sweep.py,
 sweep fmnist_semisup, has the measured step times).
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config(row='semisup_h4_hierarchical'):

@@ -12,7 +12,7 @@ h2_simple. Expected runtime on 2 CPU cores: see experiments/README.md (wall
 time of each sweep).
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config(graph='h4_hierarchical'):

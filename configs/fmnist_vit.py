@@ -21,7 +21,7 @@ the single network); the 4-head tree compiles to 2.33x the single FLOPs.
 
 import ml_collections
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config(graph='h4_hierarchical'):

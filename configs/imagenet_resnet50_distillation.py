@@ -18,7 +18,7 @@ Cost: 90 epochs x 1.28M = 115M images through the training graph; on 2 CPU
 cores this is out of reach; see experiments/results/bench.md.
 """
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def get_config():

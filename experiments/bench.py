@@ -1,6 +1,6 @@
 """Training-step benchmark: time, memory and FLOPs of every training graph.
 
-Times the real train step, compiled by `collab_jax.steps.make_train_step`
+Times the real train step, compiled by `collab_jax.trainer.steps.make_train_step`
 as `train.train_and_evaluate` compiles it, and writes
 `<out>/bench.json` and `bench.md` rendered from it. What each section and
 option measures, and how to read the tables: experiments/README.md,
@@ -36,15 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from collab_jax import augment
 from collab_jax import heads as heads_lib
-from collab_jax import imagenet
-from collab_jax import logging_utils
 from collab_jax import models
 from collab_jax import paper
-from collab_jax import recipes
-from collab_jax import sampling
-from collab_jax import steps
+from collab_jax.data import augment
+from collab_jax.data import imagenet
+from collab_jax.data import label_noise
+from collab_jax.data import order
+from collab_jax.trainer import logging_utils
+from collab_jax.trainer import recipes
+from collab_jax.trainer import steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -434,15 +435,15 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, num).astype(np.int32)
-  noise = sampling.LabelNoise(num, 10, 0.2, seed=0)
-  per_epoch = sampling.steps_per_epoch(num, batch)
+  noise = label_noise.LabelNoise(num, 10, 0.2, seed=0)
+  per_epoch = order.steps_per_epoch(num, batch)
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = NamedSharding(mesh, P('data'))
 
   def host_batch(step):
     # What data.create_data_source's train_iter + data.to_global do for an
     # in-memory dataset.
-    idx = sampling.train_indices(step, num_examples=num,
+    idx = order.train_indices(step, num_examples=num,
                                        global_batch=batch, seed=0)
     local = {'image': images[idx],
              'label': noise.labels(idx, labels[idx], step // per_epoch)}

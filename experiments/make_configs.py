@@ -1,6 +1,6 @@
 """Writes configs/*.py: one thin file per cell of the paper's tables.
 
-Every file calls a recipe of `collab_jax.recipes` and carries a docstring with
+Every file calls a recipe of `collab_jax.trainer.recipes` and carries a docstring with
 the paper's table, row and number (read from `collab_jax.paper`), the command
 and the expected cost. `CONFIGS` lists them; the sweeps of the paper's tables
 (experiments/sweep.py) read it too. Rerun after changing either (a test checks

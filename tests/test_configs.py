@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from collab_jax import config_lib
-from collab_jax import steps
+from collab_jax.trainer import config_lib
+from collab_jax.trainer import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import collab_jax
 from collab_jax import heads as heads_lib
 from collab_jax import models
+import collab_jax
 
 TOPOLOGIES = [(), ((0, 2),), ((0, 4),), ((1, 2),), ((1, 4),), ((1, 2), (2, 2)),
               ((0, 2), (2, 3))]

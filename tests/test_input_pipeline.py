@@ -1,4 +1,4 @@
-"""Tests of the data modules: input_pipeline, sampling, augment, imagenet (CPU)."""
+"""Tests of the data package: in-memory datasets, order, label noise, augmentation, ImageNet (CPU)."""
 
 import gzip
 import os
@@ -13,14 +13,19 @@ try:  # Several fake CPU devices for the sharding test (if JAX is still cold).
 except RuntimeError:
   pass
 
-from collab_jax import augment  # pylint: disable=g-import-not-at-top
-from collab_jax import imagenet  # pylint: disable=g-import-not-at-top
-from collab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from collab_jax import sampling  # pylint: disable=g-import-not-at-top
-from collab_jax import streams  # pylint: disable=g-import-not-at-top
+from collab_jax import errors  # pylint: disable=g-import-not-at-top
+from collab_jax.data import augment  # pylint: disable=g-import-not-at-top
+from collab_jax.data import idx  # pylint: disable=g-import-not-at-top
+from collab_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+from collab_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+from collab_jax.data import label_noise  # pylint: disable=g-import-not-at-top
+from collab_jax.data import order  # pylint: disable=g-import-not-at-top
+from collab_jax.data import streams  # pylint: disable=g-import-not-at-top
+from collab_jax.data import subset  # pylint: disable=g-import-not-at-top
+from collab_jax.data import tfds_io  # pylint: disable=g-import-not-at-top
 import testutil  # pylint: disable=g-import-not-at-top
 
-tfds = input_pipeline.import_tfds()  # Also hides GPUs from TF.
+tfds = tfds_io.import_tfds()  # Also hides GPUs from TF.
 
 
 _write_idx = testutil.write_idx
@@ -34,7 +39,7 @@ _fake_fashion_mnist = testutil.fake_fashion_mnist
 @pytest.mark.parametrize('gz', [True, False])
 def test_load_local_reads_idx(tmp_path, gz):
   arrays = _fake_fashion_mnist(str(tmp_path), gz=gz)
-  ds = input_pipeline.load_dataset('fashion_mnist_local',
+  ds = in_memory.load_dataset('fashion_mnist_local',
                                    data_dir=str(tmp_path))
   np.testing.assert_array_equal(ds.train_images[..., 0], arrays['train'][0])
   np.testing.assert_array_equal(ds.train_labels, arrays['train'][1])
@@ -47,14 +52,14 @@ def test_load_local_reads_idx(tmp_path, gz):
 
 
 def _assert_error(match, fn, *args, **kwargs):
-  with pytest.raises(input_pipeline.DatasetError, match=match) as info:
+  with pytest.raises(errors.DatasetError, match=match) as info:
     fn(*args, **kwargs)
   assert '\n' not in str(info.value)  # One line.
   return str(info.value)
 
 
 def test_local_missing_dir_and_files(tmp_path):
-  load = input_pipeline.load_dataset
+  load = in_memory.load_dataset
   msg = _assert_error('not found in', load, 'fashion_mnist_local',
                       data_dir=str(tmp_path / 'nope'))
   assert 'apt-get install dataset-fashion-mnist' in msg
@@ -67,7 +72,7 @@ def test_local_missing_dir_and_files(tmp_path):
 
 
 def test_local_corrupt_files(tmp_path):
-  load = input_pipeline.load_dataset
+  load = in_memory.load_dataset
   arrays = _fake_fashion_mnist(str(tmp_path), gz=False)
   images_path = str(tmp_path / 'train-images-idx3-ubyte')
   labels_path = str(tmp_path / 'train-labels-idx1-ubyte')
@@ -97,14 +102,14 @@ def test_local_corrupt_files(tmp_path):
 
 
 def test_unknown_dataset():
-  msg = _assert_error('unknown dataset', input_pipeline.load_dataset, 'mnist')
-  for name in input_pipeline.KNOWN_DATASETS:
+  msg = _assert_error('unknown dataset', in_memory.load_dataset, 'mnist')
+  for name in in_memory.KNOWN_DATASETS:
     assert name in msg
 
 
 def test_train_subset_fixed_balanced(tmp_path):
   _fake_fashion_mnist(str(tmp_path), num_train=200)
-  load = lambda **kw: input_pipeline.load_dataset(
+  load = lambda **kw: in_memory.load_dataset(
       'fashion_mnist_local', data_dir=str(tmp_path), **kw)
   full = load()
   a, b = load(train_subset=53, subset_seed=1), load(train_subset=53,
@@ -117,7 +122,7 @@ def test_train_subset_fixed_balanced(tmp_path):
   assert a.test_images.shape == full.test_images.shape  # Test set whole.
   assert a.mean == full.mean  # Normalised like the full set.
   # The subset's rows really are rows of the full set, labels kept aligned.
-  keep = input_pipeline.balanced_subset(full.train_labels, 53, seed=1)
+  keep = subset.balanced_subset(full.train_labels, 53, seed=1)
   np.testing.assert_array_equal(a.train_images, full.train_images[keep])
   np.testing.assert_array_equal(a.train_labels, full.train_labels[keep])
   _assert_error('train_subset=201', load, train_subset=201)
@@ -129,9 +134,9 @@ def test_train_subset_fixed_balanced(tmp_path):
 
 def test_train_indices_epochs_are_permutations():
   kw = dict(num_examples=50, global_batch=8, seed=3)
-  per_epoch = sampling.steps_per_epoch(50, 8)
+  per_epoch = order.steps_per_epoch(50, 8)
   assert per_epoch == 6
-  epochs = [np.concatenate([sampling.train_indices(e * 6 + i, **kw)
+  epochs = [np.concatenate([order.train_indices(e * 6 + i, **kw)
                             for i in range(per_epoch)]) for e in range(3)]
   for order in epochs:
     assert order.dtype == np.int64 and len(set(order)) == 48  # 2 dropped.
@@ -139,32 +144,32 @@ def test_train_indices_epochs_are_permutations():
   assert not np.array_equal(epochs[0], epochs[1])
   np.testing.assert_array_equal(
       epochs[1][:8], streams.rng('order', 3, 1).permutation(50)[:8])
-  other_seed = sampling.train_indices(0, num_examples=50, global_batch=8,
+  other_seed = order.train_indices(0, num_examples=50, global_batch=8,
                                             seed=4)
   assert not np.array_equal(other_seed, epochs[0][:8])
 
 
 def test_train_indices_stateless_resume():
   kw = dict(num_examples=37, global_batch=5, seed=0)
-  sequence = [sampling.train_indices(s, **kw) for s in range(30)]
-  sampling._epoch_permutation.cache_clear()  # A fresh process.
+  sequence = [order.train_indices(s, **kw) for s in range(30)]
+  order._epoch_permutation.cache_clear()  # A fresh process.
   for step in (29, 0, 17, 8):
-    np.testing.assert_array_equal(sampling.train_indices(step, **kw),
+    np.testing.assert_array_equal(order.train_indices(step, **kw),
                                   sequence[step])
 
 
 def test_train_indices_errors():
   with pytest.raises(ValueError, match='larger than the 4 training examples'):
-    sampling.train_indices(0, num_examples=4, global_batch=8, seed=0)
+    order.train_indices(0, num_examples=4, global_batch=8, seed=0)
 
 
 def test_process_slice_covers_batch():
   indices = np.arange(100, 124)
-  parts = [sampling.process_slice(indices, p, 4) for p in range(4)]
+  parts = [order.process_slice(indices, p, 4) for p in range(4)]
   np.testing.assert_array_equal(np.concatenate(parts), indices)
   assert all(len(p) == 6 for p in parts)
   with pytest.raises(ValueError, match='multiple of 5'):
-    sampling.process_slice(indices, 0, 5)
+    order.process_slice(indices, 0, 5)
 
 
 # ---------------------------------------------------------------------------
@@ -172,19 +177,19 @@ def test_process_slice_covers_batch():
 
 
 def test_label_noise_partition_fixed_by_seed():
-  a = sampling.LabelNoise(1000, 10, 0.3, seed=7, run_seed=1)
-  b = sampling.LabelNoise(1000, 10, 0.3, seed=7, run_seed=2)
+  a = label_noise.LabelNoise(1000, 10, 0.3, seed=7, run_seed=1)
+  b = label_noise.LabelNoise(1000, 10, 0.3, seed=7, run_seed=2)
   np.testing.assert_array_equal(a.corrupted, b.corrupted)
   assert a.corrupted.sum() == 300 == a.num_corrupted
-  c = sampling.LabelNoise(1000, 10, 0.3, seed=8)
+  c = label_noise.LabelNoise(1000, 10, 0.3, seed=8)
   assert not np.array_equal(a.corrupted, c.corrupted)
-  assert sampling.LabelNoise(1001, 10, 0.25, seed=0).num_corrupted == 250
+  assert label_noise.LabelNoise(1001, 10, 0.25, seed=0).num_corrupted == 250
 
 
 def test_label_noise_labels():
   n, classes = 2000, 10
   true = np.random.default_rng(0).integers(0, classes, n).astype(np.int32)
-  noise = sampling.LabelNoise(n, classes, 0.4, seed=5)
+  noise = label_noise.LabelNoise(n, classes, 0.4, seed=5)
   idx = np.arange(n)
   epoch0, epoch1 = noise.labels(idx, true, 0), noise.labels(idx, true, 1)
   clean = ~noise.corrupted
@@ -197,17 +202,17 @@ def test_label_noise_labels():
   assert 0.85 < wrong < 0.95
   assert np.abs(np.bincount(epoch0[noise.corrupted]) / 800 - 0.1).max() < 0.04
   # Same epoch, same labels, also from a fresh object and for a batch.
-  other = sampling.LabelNoise(n, classes, 0.4, seed=5)
+  other = label_noise.LabelNoise(n, classes, 0.4, seed=5)
   batch = np.array([5, 17, 3, 1999])
   np.testing.assert_array_equal(other.labels(batch, true[batch], 0),
                                 epoch0[batch])
   np.testing.assert_array_equal(other.labels(batch, true, 0), epoch0[batch])
   np.testing.assert_array_equal(noise.labels(idx, true, 0), epoch0)
   # Level 0 is the identity; levels outside [0, 1) fail clearly.
-  zero = sampling.LabelNoise(n, classes, 0.0, seed=5)
+  zero = label_noise.LabelNoise(n, classes, 0.0, seed=5)
   np.testing.assert_array_equal(zero.labels(idx, true, 3), true)
   with pytest.raises(ValueError, match=r'in \[0, 1\)'):
-    sampling.LabelNoise(n, classes, 1.0, seed=0)
+    label_noise.LabelNoise(n, classes, 1.0, seed=0)
 
 
 def test_label_noise_draws_per_run():
@@ -215,7 +220,7 @@ def test_label_noise_draws_per_run():
   n, classes = 2000, 10
   true = np.random.default_rng(0).integers(0, classes, n).astype(np.int32)
   idx = np.arange(n)
-  run = {s: sampling.LabelNoise(n, classes, 0.4, seed=5, run_seed=s)
+  run = {s: label_noise.LabelNoise(n, classes, 0.4, seed=5, run_seed=s)
          for s in (0, 1)}
   np.testing.assert_array_equal(run[0].corrupted, run[1].corrupted)
   bad = run[0].corrupted
@@ -226,11 +231,11 @@ def test_label_noise_draws_per_run():
     # Independent uniform draws agree on about 1/10 of the corrupted examples.
     assert 0.05 < (a == b)[bad].mean() < 0.15
     # A resumed run (a fresh object, any epoch order) draws the same labels.
-    resumed = sampling.LabelNoise(n, classes, 0.4, seed=5, run_seed=0)
+    resumed = label_noise.LabelNoise(n, classes, 0.4, seed=5, run_seed=0)
     resumed.labels(idx, true, epoch + 1)
     np.testing.assert_array_equal(resumed.labels(idx, true, epoch), a)
   # Shared draws (run_seed=None) are one sequence for every run, unchanged.
-  shared = sampling.LabelNoise(n, classes, 0.4, seed=5)
+  shared = label_noise.LabelNoise(n, classes, 0.4, seed=5)
   expected = np.where(bad, streams.rng('noise_shared', 5, 3).integers(
       0, classes, n, dtype=np.int32), true)
   np.testing.assert_array_equal(shared.labels(idx, true, 3), expected)
@@ -307,7 +312,7 @@ def test_normalize():
 def test_eval_batches_pad_last():
   images = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
   labels = np.arange(10)
-  batches = list(input_pipeline.eval_batches(images, labels, 4))
+  batches = list(in_memory.eval_batches(images, labels, 4))
   assert [b['image'].shape for b in batches] == [(4, 2, 2, 1)] * 3
   np.testing.assert_array_equal(batches[2]['mask'], [1, 1, 0, 0])
   np.testing.assert_array_equal(
@@ -334,7 +339,7 @@ def _lazy(make):
 
 def test_load_cifar10_mocked():
   with tfds.testing.mock_data(num_examples=24):
-    ds = input_pipeline.load_dataset('cifar10', train_subset=12)
+    ds = in_memory.load_dataset('cifar10', train_subset=12)
   assert ds.train_images.shape == (12, 32, 32, 3)
   assert ds.train_images.dtype == np.uint8
   assert ds.train_labels.dtype == np.int32
@@ -345,7 +350,7 @@ def test_load_cifar10_mocked():
 
 def test_tfds_not_prepared(tmp_path):
   msg = _assert_error('tfds dataset cifar10 not found in',
-                      input_pipeline.load_dataset, 'cifar10',
+                      in_memory.load_dataset, 'cifar10',
                       data_dir=str(tmp_path))
   assert str(tmp_path) in msg and '--datasets=cifar10' in msg
   assert '--config.data_dir' in msg
@@ -389,11 +394,11 @@ def test_imagenet_eval_mocked_padded():
 
 
 @pytest.mark.skipif(
-    not os.path.exists(os.path.join(input_pipeline.FASHION_MNIST_DIR,
+    not os.path.exists(os.path.join(idx.FASHION_MNIST_DIR,
                                     'train-images-idx3-ubyte.gz')),
     reason='dataset-fashion-mnist is not installed')
 def test_fashion_mnist_local_real_files():
-  ds = input_pipeline.load_dataset('fashion_mnist_local')
+  ds = in_memory.load_dataset('fashion_mnist_local')
   assert ds.train_images.shape == (60000, 28, 28, 1)
   assert ds.test_images.shape == (10000, 28, 28, 1)
   assert ds.num_classes == 10

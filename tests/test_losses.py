@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import collab_jax
 from collab_jax import losses
+import collab_jax
 
 
 def _np_log_softmax(z):

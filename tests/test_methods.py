@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-import collab_jax
-from collab_jax import augment
-from collab_jax import data as data_lib
 from collab_jax import heads as heads_lib
 from collab_jax import losses
-from collab_jax import steps
+from collab_jax.data import augment
+from collab_jax.data import source as data_lib
+from collab_jax.trainer import steps
+import collab_jax
 import testutil
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import collab_jax
 from collab_jax import models
 from collab_jax import paper
+import collab_jax
 
 
 def _params(name, num_classes, shape):
@@ -106,7 +106,7 @@ def test_vit_training_step_runs_and_learns():
 def test_vit_trains_in_the_trainer(tmp_path):
   """The trainer runs, checkpoints and exports a network without BatchNorm."""
   import testutil
-  from collab_jax import train
+  from collab_jax.trainer import train
   testutil.fake_fashion_mnist(str(tmp_path / 'data'), num_train=32, num_test=16,
                               shape=(8, 8))
   config = testutil.tiny_config(tmp_path / 'data', num_train_steps=2,

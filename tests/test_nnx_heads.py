@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import collab_jax
 from collab_jax import nnx_heads
+import collab_jax
 
 
 class Stage(nnx.Module):

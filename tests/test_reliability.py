@@ -25,13 +25,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from collab_jax import checkpointing
-from collab_jax import data as data_lib
 from collab_jax import errors
-from collab_jax import input_pipeline
-from collab_jax import logging_utils
-from collab_jax import steps
-from collab_jax import train
+from collab_jax.data import source as data_lib
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import logging_utils
+from collab_jax.trainer import steps
+from collab_jax.trainer import train
 import testutil
 
 # Orbax leaves coroutines of a failed restore (a corrupt checkpoint) behind;
@@ -566,7 +565,7 @@ BAD_CONFIGS = [
      'config.label_smoothing: nan is not a finite number'),
     ({'label_smoothing': 1.0}, errors.ConfigError,
      'config.label_smoothing: label smoothing epsilon=1.0 must be in [0, 1)'),
-    ({'train_subset': 1000}, input_pipeline.DatasetError,
+    ({'train_subset': 1000}, errors.DatasetError,
      'train_subset=1000 but the training set has 96 examples'),
 ]
 BAD_DATA = [  # regular expressions
@@ -594,7 +593,7 @@ def test_bad_config_value_is_one_clear_line(data_dir, tmp_path, overrides,
 def test_bad_data_file_is_one_clear_line(tmp_path, kind, message):
   _write_bad_data(tmp_path / 'data', kind)
   config = _config(tmp_path / 'data')
-  with pytest.raises(input_pipeline.DatasetError, match=message) as e:
+  with pytest.raises(errors.DatasetError, match=message) as e:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
 

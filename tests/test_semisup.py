@@ -8,16 +8,16 @@ import numpy as np
 import optax
 import pytest
 
-from collab_jax import checkpointing
-from collab_jax import config_lib
-from collab_jax import data as data_lib
 from collab_jax import errors
-from collab_jax import input_pipeline
 from collab_jax import losses
-from collab_jax import sampling
-from collab_jax import semisup
-from collab_jax import steps
-from collab_jax import train
+from collab_jax.data import labeled_split
+from collab_jax.data import source as data_lib
+from collab_jax.data import subset
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import config_lib
+from collab_jax.trainer import semisup
+from collab_jax.trainer import steps
+from collab_jax.trainer import train
 import testutil
 
 
@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _split(labels, per_class=3, **kwargs):
   kwargs = {'seed': 0, 'global_batch': 16, 'labeled_fraction': 0.25, **kwargs}
-  return sampling.LabeledSplit(labels, per_class, 10, **kwargs)
+  return labeled_split.LabeledSplit(labels, per_class, 10, **kwargs)
 
 
 def test_labeled_subset_fixed_balanced_and_the_supervised_subset():
@@ -48,7 +48,7 @@ def test_labeled_subset_fixed_balanced_and_the_supervised_subset():
   assert not np.array_equal(_split(labels, seed=1).labeled, split.labeled)
   # The very subset a supervised run with train_subset = 30 trains on.
   np.testing.assert_array_equal(
-      split.labeled, input_pipeline.balanced_subset(labels, 30, seed=0))
+      split.labeled, subset.balanced_subset(labels, 30, seed=0))
 
 
 def test_batches_mix_in_the_documented_ratio_and_cover_each_pool():

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from collab_jax import steps
+from collab_jax.trainer import steps
 import test_methods
 import testutil
 

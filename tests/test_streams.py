@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from collab_jax import streams
+from collab_jax.data import streams
 
 
 def _first_draws(stream, values):

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from collab_jax import augment
-from collab_jax import checkpointing
-from collab_jax import data as data_lib
 from collab_jax import errors
-from collab_jax import input_pipeline
-from collab_jax import recipes
-from collab_jax import steps
-from collab_jax import train
+from collab_jax.data import augment
+from collab_jax.data import source as data_lib
+from collab_jax.data import tfds_io
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import recipes
+from collab_jax.trainer import steps
+from collab_jax.trainer import train
 import test_methods
 import testutil
 
@@ -189,7 +189,7 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
 
 
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
-  tfds = input_pipeline.import_tfds()
+  tfds = tfds_io.import_tfds()
   config = testutil.tiny_config('', dataset='cifar10', num_train_steps=2)
   with tfds.testing.mock_data(num_examples=64):
     results = train.train_and_evaluate(config, str(tmp_path / 'cifar'))

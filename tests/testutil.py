@@ -6,7 +6,7 @@ import os
 import ml_collections
 import numpy as np
 
-from collab_jax import recipes
+from collab_jax.trainer import recipes
 
 
 def write_idx(path, array, magic):

@@ -3,7 +3,7 @@
 Semi-supervised collaborative learning is the paper's future work (Sec. 5):
 labelled examples get the full `L_h`, unlabelled ones only the consensus term
 (`losses.collaborative_head_losses(..., labeled=, unlabeled_weight=)`); the
-data side is `sampling.LabeledSplit`. This module holds what the trainer
+data side is `data.labeled_split.LabeledSplit`. This module holds what the trainer
 adds around them:
 
 * `unlabeled_weight_fn`: the weight of the unlabelled consensus term per step,

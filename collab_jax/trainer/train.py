@@ -17,15 +17,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from collab_jax import checkpointing
-from collab_jax import config_lib
-from collab_jax import data as data_lib
 from collab_jax import errors
-from collab_jax import logging_utils
-from collab_jax import signals
-from collab_jax import steps
-from collab_jax import streams
-from collab_jax import teachers
+from collab_jax.data import source as data_lib
+from collab_jax.data import streams
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import config_lib
+from collab_jax.trainer import logging_utils
+from collab_jax.trainer import signals
+from collab_jax.trainer import steps
+from collab_jax.trainer import teachers
 
 
 def train_teachers(config, workdir):

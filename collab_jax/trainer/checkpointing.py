@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 
 from collab_jax import errors
 from collab_jax import heads as heads_lib
-from collab_jax import logging_utils
-from collab_jax import steps as steps_lib
+from collab_jax.trainer import logging_utils
+from collab_jax.trainer import steps as steps_lib
 
 # Keys that may change between a run and its resumption without changing what
 # is computed (logging, checkpoint cadence, where data lives, when to stop).

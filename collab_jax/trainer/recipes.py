@@ -46,7 +46,7 @@ def base_config():
   c.label_noise = 0.0              # fraction of training labels corrupted (paper Sec. 3.4)
   c.noise_seed = 0                 # chooses the corrupted set (same for all runs)
   c.label_noise_draws = 'per_run'  # per_run: noisy labels from (noise_seed, seed, epoch); shared: (noise_seed, epoch), one draw for all runs
-  # Semi-supervised (the paper's future work; sampling.LabeledSplit, collab_jax/semisup.py).
+  # Semi-supervised (the paper's future work; data/labeled_split.py, trainer/methods.py).
   c.labeled_per_class = 0          # >0: keep labels of this many examples per class, the rest unlabelled; 0 = all labelled
   #                                  the labelled set is balanced_subset(..., seed=subset_seed): fixed for all runs, and the
   #                                  same set that train_subset=labeled_per_class * classes trains on (the supervised baseline)

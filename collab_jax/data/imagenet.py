@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from collab_jax import input_pipeline
-from collab_jax import streams
+from collab_jax import errors
+from collab_jax.data import streams
+from collab_jax.data import tfds_io
 
 # ImageNet channel statistics in [0, 1] pixel units (the values used by
 # torchvision and the Flax ImageNet example).
@@ -13,7 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _random_resized_crop(jpeg, seed, image_size):
   """Inception crop (area 8-100 %, aspect 3/4-4/3), decoding only the crop."""
-  tf = input_pipeline.import_tensorflow()
+  tf = tfds_io.import_tensorflow()
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.image.extract_jpeg_shape(jpeg),
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
@@ -30,7 +31,7 @@ def _random_resized_crop(jpeg, seed, image_size):
 
 def _resize_center_crop(jpeg, image_size):
   """Resizes the shorter side to image_size * 256 / 224, then center-crops."""
-  tf = input_pipeline.import_tensorflow()
+  tf = tfds_io.import_tensorflow()
   image = tf.io.decode_jpeg(jpeg, channels=3)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   resize = float(round(image_size * 256 / 224))
@@ -43,7 +44,7 @@ def _resize_center_crop(jpeg, image_size):
 
 def _normalize_tf(image):
   """ImageNet mean/std normalisation of a float [0, 255] image."""
-  tf = input_pipeline.import_tensorflow()
+  tf = tfds_io.import_tensorflow()
   mean = tf.constant(IMAGENET_MEAN, tf.float32)
   std = tf.constant(IMAGENET_STD, tf.float32)
   return (image / 255.0 - mean) / std
@@ -51,7 +52,7 @@ def _normalize_tf(image):
 
 def num_examples(name, split, data_dir=None):
   """Size of a tfds split, from the dataset info or, failing that, counted."""
-  tfds = input_pipeline.import_tfds()
+  tfds = tfds_io.import_tfds()
   builder = tfds.builder(name, data_dir=data_dir)
   try:
     return builder.info.splits[split].num_examples
@@ -60,8 +61,8 @@ def num_examples(name, split, data_dir=None):
   try:  # e.g. under tfds.testing.mock_data, whose info has no splits
     ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   except AssertionError as e:
-    raise input_pipeline.DatasetError(
-        input_pipeline.not_prepared_message(name, builder)) from e
+    raise errors.DatasetError(
+        tfds_io.not_prepared_message(name, builder)) from e
   n = int(ds.cardinality())
   return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
 
@@ -108,7 +109,7 @@ def imagenet_iterator(split, *, global_batch, process_index, process_count,
     yields the same number of eval batches, the last ones padded, so that
     all processes take part in every eval step.
   """
-  tf, tfds = input_pipeline.import_tensorflow(), input_pipeline.import_tfds()
+  tf, tfds = tfds_io.import_tensorflow(), tfds_io.import_tfds()
   if global_batch % process_count:
     raise ValueError(
         f'global batch {global_batch} does not divide among {process_count} '
@@ -132,8 +133,8 @@ def imagenet_iterator(split, *, global_batch, process_index, process_count,
         read_config=tfds.ReadConfig(
             shuffle_seed=tf_seed, options=options, try_autocache=False))
   except AssertionError as e:  # tfds's "could not find data in ...".
-    raise input_pipeline.DatasetError(
-        input_pipeline.not_prepared_message('imagenet2012', builder)) from e
+    raise errors.DatasetError(
+        tfds_io.not_prepared_message('imagenet2012', builder)) from e
 
   if training:
     ds = ds.repeat()

@@ -14,9 +14,9 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from collab_jax import checkpointing
 from collab_jax import errors
-from collab_jax import logging_utils
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import logging_utils
 
 
 def teacher_runs(config, workdir):

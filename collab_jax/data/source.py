@@ -8,12 +8,14 @@ import jax
 import numpy as np
 
 from collab_jax import errors
-from collab_jax import imagenet
-from collab_jax import input_pipeline
-from collab_jax import sampling
+from collab_jax.data import imagenet
+from collab_jax.data import in_memory
+from collab_jax.data import label_noise
+from collab_jax.data import labeled_split
+from collab_jax.data import order
 
 STREAMING_DATASETS = ('imagenet2012',)
-DATASETS = input_pipeline.KNOWN_DATASETS + STREAMING_DATASETS
+DATASETS = in_memory.KNOWN_DATASETS + STREAMING_DATASETS
 
 
 @dataclasses.dataclass
@@ -57,7 +59,7 @@ def _stream(config):
   data_dir = config.data_dir or None
   num_train = imagenet.num_examples(config.dataset, 'train', data_dir)
   with errors.config_keys('batch_size', global_batch='batch_size'):
-    per_epoch = sampling.steps_per_epoch(num_train, config.batch_size)
+    per_epoch = order.steps_per_epoch(num_train, config.batch_size)
 
   def iterator(split, batch, start_step=0):
     return imagenet.imagenet_iterator(
@@ -76,17 +78,17 @@ def _stream(config):
 
 def _in_memory(config):
   p_idx, p_cnt = jax.process_index(), jax.process_count()
-  ds = input_pipeline.load_dataset(
+  ds = in_memory.load_dataset(
       config.dataset, data_dir=config.data_dir or None,
       train_subset=config.train_subset, subset_seed=config.subset_seed)
   if ds.test_images.shape[1:] != ds.image_shape:
-    raise input_pipeline.DatasetError(
+    raise errors.DatasetError(
         f'{config.dataset}: test images are {ds.test_images.shape[1:]} but '
         f'training images are {ds.image_shape}; both splits must have one shape.')
   with errors.config_keys('batch_size', global_batch='batch_size'):
-    per_epoch = sampling.steps_per_epoch(ds.num_train, config.batch_size)
+    per_epoch = order.steps_per_epoch(ds.num_train, config.batch_size)
   with errors.config_keys('label_noise', level='label_noise'):
-    noise = sampling.LabelNoise(
+    noise = label_noise.LabelNoise(
         ds.num_train, ds.num_classes, config.label_noise, config.noise_seed,
         run_seed=config.seed if config.label_noise_draws == 'per_run' else None)
   split = None
@@ -94,20 +96,20 @@ def _in_memory(config):
     with errors.config_keys(
         'labeled_per_class', labeled_per_class='labeled_per_class',
         labeled_fraction_per_batch='labeled_fraction_per_batch'):
-      split = sampling.LabeledSplit(
+      split = labeled_split.LabeledSplit(
           ds.train_labels, config.labeled_per_class, ds.num_classes,
           seed=config.subset_seed, global_batch=config.batch_size,
           labeled_fraction=config.labeled_fraction_per_batch)
 
   def batch(step):
     if split is None:
-      idx = sampling.train_indices(step, num_examples=ds.num_train,
+      idx = order.train_indices(step, num_examples=ds.num_train,
                                          global_batch=config.batch_size,
                                          seed=config.seed)
     else:
       idx, labeled = split.indices(step, run_seed=config.seed)
-      labeled = sampling.process_slice(labeled, p_idx, p_cnt)
-    idx = sampling.process_slice(idx, p_idx, p_cnt)
+      labeled = order.process_slice(labeled, p_idx, p_cnt)
+    idx = order.process_slice(idx, p_idx, p_cnt)
     labels = noise.labels(idx, ds.train_labels[idx], step // per_epoch)
     if split is None:
       return {'image': ds.train_images[idx], 'label': labels}
@@ -116,8 +118,8 @@ def _in_memory(config):
             'labeled': labeled}
 
   def eval_batches(images, labels):
-    for b in input_pipeline.eval_batches(images, labels, config.eval_batch_size):
-      yield {k: sampling.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
+    for b in in_memory.eval_batches(images, labels, config.eval_batch_size):
+      yield {k: order.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
 
   return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
                     {'mean': ds.mean, 'std': ds.std}, per_epoch,

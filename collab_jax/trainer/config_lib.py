@@ -2,7 +2,7 @@
 
 Each value is checked once, where it is used: the model (`get_stages`,
 `HeadTree`), the learning-rate schedule and optimizer (`steps`), the loss
-(`losses`) and the label noise (`sampling.LabelNoise`) check their own
+(`losses`) and the label noise (`label_noise.LabelNoise`) check their own
 arguments. `validate_config` builds them all abstractly, so that their errors
 come before any work and name the config key, and checks here only what no
 single component sees: values that must go into strict JSON, seeds that
@@ -15,12 +15,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from collab_jax import data as data_lib
 from collab_jax import errors
 from collab_jax import losses
-from collab_jax import sampling
-from collab_jax import semisup
-from collab_jax import steps
+from collab_jax.data import label_noise
+from collab_jax.data import source as data_lib
+from collab_jax.trainer import semisup
+from collab_jax.trainer import steps
 
 METHODS = ('collaborative', 'label_smoothing', 'distillation', 'alternating',
            'mean_teacher')
@@ -80,7 +80,7 @@ def validate_config(config):
   with errors.config_keys('label_smoothing'):
     losses.smooth_labels(jnp.zeros((1, 2)), config.label_smoothing)
   with errors.config_keys('label_noise', level='label_noise'):
-    sampling.LabelNoise(1, 2, config.label_noise, config.noise_seed)
+    label_noise.LabelNoise(1, 2, config.label_noise, config.noise_seed)
 
 
 def _check_bookkeeping(config):

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collab_jax import augment
 from collab_jax import errors
 from collab_jax import heads as heads_lib
 from collab_jax import losses
 from collab_jax import models
-from collab_jax import semisup
-from collab_jax import streams
+from collab_jax.data import augment
+from collab_jax.data import streams
+from collab_jax.trainer import semisup
 
 LR_SCHEDULES = ('step', 'cosine', 'constant')
 

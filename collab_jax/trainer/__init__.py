@@ -1,0 +1,10 @@
+"""The trainer: `python -m collab_jax.main` (needs the `[train]` extra).
+
+  train.py          the loop: `train_and_evaluate(config, workdir)`
+  steps.py          model, optimizer, train state and the jitted steps
+  checkpointing.py  the workdir: lock, config record, checkpoints, export
+  config_lib.py     checks of the config that no single component sees
+  recipes.py        every config key with its default, and the recipes
+  logging_utils.py  metrics, TensorBoard, the console, run records
+  signals.py        stopping between steps (SIGTERM, Ctrl-C)
+"""
