@@ -10,11 +10,13 @@ run is not trained again. Head 1's test error is the headline result, written
 to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
 """
 
+import contextlib
 import glob
 import os
 import signal
 import sys
 import threading
+import traceback
 
 
 _EXITING = threading.Lock()
@@ -67,16 +69,29 @@ if os.path.isdir(_CONFIG_DIR):  # a source checkout: list the configs in --help
   __doc__ += '\nConfigs (one per row of the paper\'s tables; see their docstrings):\n'
   __doc__ += ''.join(f'  configs/{os.path.basename(p)}\n'
                      for p in sorted(glob.glob(os.path.join(_CONFIG_DIR, '*.py'))))
-import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+@contextlib.contextmanager
+def _train_extra():
+  """A missing trainer dependency ends in one line naming the extra to install."""
+  try:
+    yield
+  except ImportError as e:
+    print(f'error: the trainer needs the [train] extra ({e.name or e} is not '
+          "installed): pip install 'collab_jax[train]', or in a checkout "
+          "pip install -e '.[train]'.", file=sys.stderr)
+    sys.exit(2)
+
+
+with _train_extra():
+  from absl import app  # noqa: E402
+  from absl import flags  # noqa: E402
+  from absl import logging  # noqa: E402
+  import jax  # noqa: E402
+  import ml_collections  # noqa: E402
+  from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, results.')
@@ -219,15 +234,13 @@ def main(argv):
     _fail('--workdir is empty; name a directory.')
   config = load_config()
   # Import late so that --help answers without loading TensorFlow or JAX backends.
-  from collab_jax import errors  # pylint: disable=g-import-not-at-top
-  from collab_jax.trainer import train  # pylint: disable=g-import-not-at-top
+  with _train_extra():
+    from collab_jax import errors  # pylint: disable=g-import-not-at-top
+    from collab_jax.trainer import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   use_cpu_devices(config)
   maybe_initialize_distributed()
   try:
-    if config.method == 'distillation':  # phase 1: the teachers, as their own runs
-      if not train.train_teachers(config, FLAGS.workdir):
-        return
     train.train_and_evaluate(config, FLAGS.workdir)
   except (errors.ConfigError, errors.WorkdirError, errors.NonFiniteError,
           errors.DatasetError) as e:

@@ -169,7 +169,7 @@ CONFIGS = (*_table1(), *_table2(), *_table3(), *_table4())
 
 def render(config):
   """The text of configs/<name>.py."""
-  return (f'"""{config.doc().strip()}\n"""\n\nfrom collab_jax import recipes\n\n\n'
+  return (f'"""{config.doc().strip()}\n"""\n\nfrom collab_jax.trainer import recipes\n\n\n'
           f'def get_config():\n  return {config.recipe}\n')
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from collab_jax.trainer import config_lib
+from collab_jax.trainer import methods
 from collab_jax.trainer import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +58,10 @@ def test_config_loads_and_builds(path):
     doc = f.read()
   assert doc.startswith('"""')
   assert 'python -m collab_jax.main --config=configs/' in doc
-  config_lib.validate_config(config)
+  config_lib.check(config)
   model = steps.create_model(config, NUM_CLASSES[config.dataset])
+  method = methods.create(config, model.num_heads)
+  steps.create_optimizer(config, steps.create_learning_rate_fn(config, 100), method)
   size = config.image_size if config.dataset == 'imagenet2012' else (
       28 if 'fashion' in config.dataset else 32)
   channels = 1 if 'fashion' in config.dataset else 3

@@ -10,9 +10,9 @@ import pytest
 
 from collab_jax import heads as heads_lib
 from collab_jax import losses
-from collab_jax.data import augment
-from collab_jax.data import source as data_lib
+from collab_jax.trainer import methods
 from collab_jax.trainer import steps
+from collab_jax.trainer import train
 import collab_jax
 import testutil
 
@@ -25,14 +25,25 @@ def data_dir(tmp_path_factory):
 
 
 def _setup(config):
-  data = data_lib.create_data_source(config)
-  model = steps.create_model(config, data.num_classes)
-  tx = steps.create_optimizer(config, lambda s: config.learning_rate)
-  state = steps.create_train_state(jax.random.key(0), config, model,
-                                   data.image_shape, tx)
-  stats = {k: tuple(v) for k, v in data.stats.items()}
-  batch = {k: jnp.asarray(v) for k, v in next(data.train_iter(0)).items()}
-  return data, model, tx, state, stats, batch
+  """The built run of `config`, its initial state and its first batch."""
+  built = train.build(config)
+  state = steps.create_train_state(jax.random.key(0), built.model,
+                                   built.data.image_shape, built.tx,
+                                   built.method.init_opt_state)
+  batch = {k: jnp.asarray(v) for k, v in next(built.data.train_iter(0)).items()}
+  return built, state, batch
+
+
+def _step(built, **kwargs):
+  """The method's train step (not jitted), as the trainer binds it."""
+  step = built.method.train_step or functools.partial(steps.train_step,
+                                                      method=built.method)
+  return functools.partial(step, model=built.model, tx=built.tx,
+                           preprocess=built.data.preprocess, seed=0, **kwargs)
+
+
+def _loss_terms(config, logits, labels):
+  return methods.create(config, logits.shape[0]).loss_terms(logits, labels)
 
 
 def test_label_smoothing_targets(data_dir):
@@ -41,32 +52,32 @@ def test_label_smoothing_targets(data_dir):
   config.model.splits = ()
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 10)), jnp.float32)
   labels = jnp.array([1, 2, 3, 4])
-  got = steps.loss_terms(logits, labels, config)['total'][0]
+  got = _loss_terms(config, logits, labels)['total'][0]
   targets = 0.9 * jax.nn.one_hot(labels, 10) + 0.01
   want = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits[0]), -1))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # ... and the collaborative method does not smooth.
   config.method = 'collaborative'
-  plain = steps.loss_terms(logits, labels, config)['total'][0]
+  plain = _loss_terms(config, logits, labels)['total'][0]
   assert not np.isclose(plain, got)
 
 
 def _head_loss(model, config, params, batch_stats, images, labels, h):
   logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                           train=True, mutable=['batch_stats'])
-  return steps.loss_terms(logits, labels, config)['total'][h]
+  return _loss_terms(config, logits, labels)['total'][h]
 
 
 def test_alternating_updates_heads_in_turn_with_fresh_predictions(data_dir):
   config = testutil.tiny_config(data_dir, method='alternating', augment=False,
                                 learning_rate=0.5)
   config.model.splits = ((0, 2),)
-  _, model, tx, state, stats, batch = _setup(config)
-  step = functools.partial(steps.alternating_train_step, model=model, tx=tx,
-                           config=config, data_stats=stats)
-  new_state, _ = jax.jit(step)(state, batch)
+  built, state, batch = _setup(config)
+  model, tx = built.model, built.tx
+  assert isinstance(built.method, methods.Alternating)
+  new_state, _ = jax.jit(_step(built))(state, batch)
 
-  images = augment.preprocess(None, batch['image'], config, stats, train=False)
+  images = built.data.preprocess(None, batch['image'], train=False)
   labels = batch['label']
   p0, bs = state.params, state.batch_stats
   slice_ = lambda tree, h: jax.tree.map(lambda a: a[h], tree)
@@ -97,26 +108,26 @@ def test_alternating_updates_heads_in_turn_with_fresh_predictions(data_dir):
 def test_distillation_teacher_frozen_and_loss_uses_ensemble_logits(data_dir):
   config = testutil.tiny_config(data_dir, method='distillation', augment=False)
   config.model.splits = ()
-  _, model, tx, state, stats, batch = _setup(config)
-  teacher_model = collab_jax.HeadTree(model.stages, ((0, 2),))
-  images = augment.preprocess(None, batch['image'], config, stats, train=False)
-  teacher_vars = teacher_model.init(jax.random.key(7), images)
+  built, state, batch = _setup(config)
+  model = built.model
+  images = built.data.preprocess(None, batch['image'], train=False)
+  # Two teachers, as the trainer loads them: single networks of their own.
+  built.method.teachers = [methods.Teacher(model, 0.0), methods.Teacher(model, 0.0)]
+  teacher_vars = [model.init(jax.random.key(k), images) for k in (7, 8)]
   before = jax.tree.map(np.array, teacher_vars)
-  apply = functools.partial(teacher_model.apply, train=False)
-  step = functools.partial(steps.train_step, model=model, tx=tx, config=config,
-                           data_stats=stats, teacher_apply=apply)
-  new_state, metrics = jax.jit(step)(state, batch, teacher_vars)
+  new_state, metrics = jax.jit(_step(built))(state, batch, teacher_vars)
   # The teacher is an input, never updated.
   for a, b in zip(jax.tree.leaves(teacher_vars), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)
   # The loss is the distillation loss against the mean of the teachers' logits.
   student, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                            images, train=True, mutable=['batch_stats'])
-  ensemble = jnp.mean(teacher_model.apply(teacher_vars, images), axis=0)
+  ensemble = jnp.mean(jnp.stack([model.apply(v, images)[0] for v in teacher_vars]),
+                      axis=0)
   want = losses.distillation_loss(student[0], ensemble, batch['label'],
                                   beta=config.beta, temperature=config.temperature)['total']
   np.testing.assert_allclose(metrics['loss'][0], want, rtol=1e-5)
-  one_teacher = teacher_model.apply(teacher_vars, images)[0]
+  one_teacher = model.apply(teacher_vars[0], images)[0]
   other = losses.distillation_loss(student[0], one_teacher, batch['label'])['total']
   assert not np.isclose(other, want)
   assert int(new_state.step) == 1
@@ -129,12 +140,13 @@ def test_rescaling_ablation_gradient_ratios(data_dir):
   for mode in heads_lib.RESCALE_MODES:
     config = testutil.tiny_config(data_dir, augment=False, **{'model.rescale': mode})
     config.model.splits = ((1, heads),)
-    _, model, _, state, stats, batch = _setup(config)
-    images = augment.preprocess(None, batch['image'], config, stats, train=False)
+    built, state, batch = _setup(config)
+    model = built.model
+    images = built.data.preprocess(None, batch['image'], train=False)
     def loss_fn(params):
       logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats},
                               images, train=True, mutable=['batch_stats'])
-      parts = steps.loss_terms(logits, batch['label'], config)
+      parts = built.method.loss_terms(logits, batch['label'])
       return jnp.sum(parts['total']) * heads_lib.loss_scale(mode, heads)
     grads[mode] = jax.jit(jax.grad(loss_fn))(state.params)
   def ratio(part, a, b):

@@ -13,9 +13,7 @@ from collab_jax import losses
 from collab_jax.data import labeled_split
 from collab_jax.data import source as data_lib
 from collab_jax.data import subset
-from collab_jax.trainer import checkpointing
-from collab_jax.trainer import config_lib
-from collab_jax.trainer import semisup
+from collab_jax.trainer import methods
 from collab_jax.trainer import steps
 from collab_jax.trainer import train
 import testutil
@@ -100,20 +98,20 @@ def test_trainer_batches_carry_mask_and_unknown_labels(data_dir):
 
 def test_rampup():
   steps = np.array([0, 25, 50, 100, 150])
-  np.testing.assert_allclose(semisup.rampup(steps, 100, 'linear'),
+  np.testing.assert_allclose(methods.rampup(steps, 100, 'linear'),
                              [0, 0.25, 0.5, 1, 1], rtol=1e-6)
-  np.testing.assert_allclose(semisup.rampup(steps, 100, 'sigmoid'),
+  np.testing.assert_allclose(methods.rampup(steps, 100, 'sigmoid'),
                              np.exp(-5 * (1 - np.minimum(steps / 100, 1)) ** 2),
                              rtol=1e-6)
-  assert semisup.rampup(0, 0) == 1.0
+  assert methods.rampup(0, 0) == 1.0
   config = testutil.tiny_config('', unlabeled_weight=2.0, unlabeled_rampup='linear',
                                 unlabeled_rampup_epochs=0.5)
-  fn = jax.jit(semisup.unlabeled_weight_fn(config, steps_per_epoch=40))
+  fn = jax.jit(methods.unlabeled_weight_fn(config, steps_per_epoch=40))
   np.testing.assert_allclose([fn(0), fn(10), fn(20), fn(99)], [0, 1, 2, 2], rtol=1e-6)
 
 
 def test_ema_teacher_is_the_average_of_the_parameters():
-  tx = optax.chain(optax.sgd(0.5), semisup.ema_teacher(0.9))
+  tx = optax.chain(optax.sgd(0.5), methods.ema_teacher(0.9))
   params = {'w': jnp.array([1.0, -2.0])}
   state = tx.init(params)
   want, history = np.array(params['w']), []
@@ -125,11 +123,11 @@ def test_ema_teacher_is_the_average_of_the_parameters():
     want = a * want + (1 - a) * np.array(params['w'])
     history.append(np.array(params['w']))
     if t == 2:
-      np.testing.assert_allclose(semisup.teacher_params(state)['w'],
+      np.testing.assert_allclose(methods.teacher_params(state)['w'],
                                  np.mean([[1.0, -2.0]] + history, 0), rtol=1e-6)
-  np.testing.assert_allclose(semisup.teacher_params(state)['w'], want, rtol=1e-5)
+  np.testing.assert_allclose(methods.teacher_params(state)['w'], want, rtol=1e-5)
   with pytest.raises(ValueError, match='no Mean Teacher'):
-    semisup.teacher_params(optax.sgd(0.1).init(params))
+    methods.teacher_params(optax.sgd(0.1).init(params))
 
 
 def test_mean_teacher_loss_is_the_collaborative_loss_against_the_teacher(data_dir):
@@ -139,15 +137,17 @@ def test_mean_teacher_loss_is_the_collaborative_loss_against_the_teacher(data_di
   teacher = jnp.asarray(rng.normal(size=(6, 10)), jnp.float32)
   labels = jnp.array([1, 2, 3, -1, -1, -1])
   labeled = jnp.arange(6) < 3
-  got = steps.loss_terms(student, labels, config, teacher, labeled, 0.7)['total'][0]
+  method = methods.create(config, 1)
+  loss = lambda t: method.loss_terms(student, labels, teacher_logits=t, labeled=labeled,
+                                     unlabeled_weight=0.7)['total'][0]
+  got = loss(teacher)
   y = jax.nn.one_hot(labels[:3], 10)
   hard = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(student[0, :3]), -1))
   soft = -jnp.sum(jax.nn.softmax(teacher / 2) * jax.nn.log_softmax(student[0] / 2), -1)
   coef = jnp.where(labeled, 0.5, 0.7)
   np.testing.assert_allclose(got, 0.5 * hard + jnp.mean(coef * 4 * soft), rtol=1e-5)
   # No gradient reaches the teacher.
-  g = jax.grad(lambda t: steps.loss_terms(student, labels, config, t, labeled,
-                                           0.7)['total'][0])(teacher)
+  g = jax.grad(loss)(teacher)
   np.testing.assert_array_equal(g, 0.0)
 
 
@@ -159,14 +159,14 @@ def test_mean_teacher_loss_is_the_collaborative_loss_against_the_teacher(data_di
     (dict(labeled_fraction_per_batch=1.0), 'labeled_fraction_per_batch'),
     (dict(unlabeled_rampup='cosine'), 'unlabeled_rampup'),
 ])
-def test_bad_semisup_config(overrides, match):
-  config = testutil.tiny_config('', **overrides)  # 2 heads
+def test_bad_semisup_config(data_dir, overrides, match):
+  config = testutil.tiny_config(data_dir, **overrides)  # 2 heads
   with pytest.raises(errors.ConfigError, match=match):
-    config_lib.validate_config(config)
+    train.build(config)
 
 
 def _final_params(workdir, config):
-  _, variables = checkpointing.load_run_variables(workdir, config, 10, (12, 12, 1))
+  _, variables = train.load_run_variables(config, workdir)
   return variables
 
 

@@ -48,8 +48,7 @@ def test_loss_rescale_ablation_reaches_the_step_from_the_config(data_dir):
   for mode in ('none', 'loss'):
     config = testutil.tiny_config(data_dir, augment=False,
                                   **{'model.rescale': mode})
-    _, model, tx, state, stats, batch = test_methods._setup(config)  # pylint: disable=protected-access
-    _, metrics = jax.jit(lambda s, b: steps.train_step(
-        s, b, model=model, tx=tx, config=config, data_stats=stats))(state, batch)
+    built, state, batch = test_methods._setup(config)  # pylint: disable=protected-access
+    _, metrics = jax.jit(test_methods._step(built))(state, batch)  # pylint: disable=protected-access
     losses[mode] = float(metrics['loss'][0])
   assert losses['loss'] == pytest.approx(losses['none'] / 2, rel=1e-6)

@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from collab_jax import errors
-from collab_jax.data import augment
-from collab_jax.data import source as data_lib
+from collab_jax.data import streams
 from collab_jax.data import tfds_io
-from collab_jax.trainer import checkpointing
+from collab_jax.trainer import metrics as metrics_lib
+from collab_jax.trainer import parallel
 from collab_jax.trainer import recipes
 from collab_jax.trainer import steps
 from collab_jax.trainer import train
@@ -41,7 +39,7 @@ def _metrics(workdir, kind='train'):
 
 
 def _final_params(workdir, config):
-  _, variables = checkpointing.load_run_variables(workdir, config, 10, (12, 12, 1))
+  _, variables = train.load_run_variables(config, workdir)
   return variables
 
 
@@ -82,11 +80,12 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
 
 def test_eval_step_top5_error_matches_numpy(data_dir):
   config = testutil.tiny_config(data_dir)
-  data, model, _, state, stats, _ = test_methods._setup(config)  # pylint: disable=protected-access
-  batch = next(iter(data.eval_batches()))
-  metrics = steps.reduce_metrics(steps.eval_step(
-      state, batch, model=model, config=config, data_stats=stats))
-  images = augment.preprocess(None, batch['image'], config, stats, train=False)
+  built, state, _ = test_methods._setup(config)  # pylint: disable=protected-access
+  model, preprocess = built.model, built.data.preprocess
+  batch = next(iter(built.data.eval_batches()))
+  metrics = metrics_lib.reduce(steps.eval_step(
+      state, batch, model=model, method=built.method, preprocess=preprocess))
+  images = preprocess(None, batch['image'], train=False)
   logits = np.asarray(model.apply(
       {'params': state.params, 'batch_stats': state.batch_stats}, images,
       train=False))
@@ -119,22 +118,18 @@ def test_halt_and_resume_is_exact(data_dir, tmp_path):
   assert resumed['head_1_test_error'] == full['head_1_test_error']
 
 
-def _run_steps(config, mesh, num_steps=3):
-  """Runs `num_steps` train steps of `config` on `mesh` (the trainer's
+def _run_steps(config, placement, num_steps=3):
+  """Runs `num_steps` train steps of `config` on `placement` (the trainer's
   `make_train_step`); returns the losses."""
-  data = data_lib.create_data_source(config)
-  model = steps.create_model(config, data.num_classes)
-  tx = steps.create_optimizer(config, lambda s: config.learning_rate)
-  state = steps.create_train_state(jax.random.key(0), config, model,
-                                   data.image_shape, tx)
-  step_fn = steps.make_train_step(config, mesh, model=model, tx=tx,
-                                  data_stats=data.stats,
-                                  steps_per_epoch=data.steps_per_epoch)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  sharded = NamedSharding(mesh, P('data'))
+  built, state, _ = test_methods._setup(config)  # pylint: disable=protected-access
+  step_fn = steps.make_train_step(
+      placement, model=built.model, tx=built.tx, method=built.method,
+      preprocess=built.data.preprocess, seed=config.seed,
+      unlabeled_weight_fn=built.unlabeled_weight_fn)
+  state = jax.device_put(state, placement.replicated)
   losses = []
-  for _, local in zip(range(num_steps), data.train_iter(0)):
-    state, metrics = step_fn(state, data_lib.to_global(local, sharded), {})
+  for _, local in zip(range(num_steps), built.data.train_iter(0)):
+    state, metrics = step_fn(state, parallel.to_global(local, placement.batch), {})
     losses.append(float(metrics['loss'][0]))
   return np.array(losses)
 
@@ -142,8 +137,8 @@ def _run_steps(config, mesh, num_steps=3):
 def test_eight_devices_match_one_device(data_dir):
   """Same global batch on 8 devices and on 1: same losses (float32 reduction order)."""
   config = testutil.tiny_config(data_dir)
-  one = _run_steps(config, Mesh(np.array(jax.devices()[:1]), ('data',)))
-  eight = _run_steps(config, Mesh(np.array(jax.devices()), ('data',)))
+  one = _run_steps(config, parallel.data_parallel(jax.devices()[:1]))
+  eight = _run_steps(config, parallel.data_parallel())
   np.testing.assert_allclose(eight, one, rtol=1e-5)
   assert len(set(one.tolist())) == 3  # training moved
 
@@ -166,15 +161,28 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
   config = testutil.tiny_config(data_dir, method=method, num_train_steps=2,
                                 label_smoothing=0.1)
   config.model.splits = splits
-  if method == 'distillation':  # the student needs finished teachers
-    with pytest.raises(errors.ConfigError, match='teacher run .* has not finished'):
-      train.train_and_evaluate(config, str(tmp_path))
-    assert train.train_teachers(config, str(tmp_path))
   results = train.train_and_evaluate(config, str(tmp_path))
-  assert np.isfinite(results['head_1_test_error'])
-  if method == 'distillation':  # two phases, both visible, teachers kept
+  heads = int(np.prod([b for _, b in splits])) if splits else 1
+  assert results['steps'] == 2 and results['nonfinite_skipped'] == 0
+  assert len(results['head_test_errors']) == heads == results['heads']
+  # Every head trained: its parameters moved from the initialisation.
+  built = train.build(config)
+  init = steps.create_train_state(streams.init_key(config.seed), built.model,
+                                  (12, 12, 1), built.tx, built.method.init_opt_state)
+  final = _final_params(tmp_path, config)['params']
+  moved = jax.tree.map(lambda a, b: np.asarray(a) != np.asarray(b),
+                       init.params, final)
+  assert any(np.any(m) for m in jax.tree.leaves(moved))
+  for level, tree in moved.items():
+    if level.startswith('level_'):  # stacked over its branches: each one moved
+      depth = int(level.split('_')[1])
+      for leaf in jax.tree.leaves(tree):
+        per_branch = leaf.reshape(int(np.prod(leaf.shape[:depth])), -1)
+        assert per_branch.any(-1).all(), level
+  if method == 'distillation':  # the teachers first, each its own run, kept
     out = capsys.readouterr().out
-    assert 'phase 1/2' in out and 'phase 2/2' in out
+    assert 'teacher run 1/2' in out and 'teacher run 2/2' in out
+    assert 'phase 2/2' in out
     # Independent teachers: separate runs, each with its own seed.
     seeds = []
     for k in (1, 2):

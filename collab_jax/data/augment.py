@@ -1,16 +1,32 @@
 """On-device augmentation and normalisation: they run inside the jitted step."""
 
+import dataclasses
+from typing import Tuple
+
 import jax
 import jax.numpy as jnp
 
 
-def preprocess(rng, images, config, data_stats, train):
-  """uint8 images -> augmented (train) and normalised float images."""
-  if images.dtype != jnp.uint8:  # streamed data arrives preprocessed
-    return images.astype(jnp.float32)
-  if train and config.augment:
-    images = augment(rng, images, pad=config.augment_pad, flip=config.augment_flip)
-  return normalize(images, data_stats['mean'], data_stats['std'])
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """uint8 images -> augmented (train) and normalised float images.
+
+  Built once per run by the data source (its statistics, the config's
+  augmentation settings); the steps call it. Streamed data arrives
+  preprocessed as float and passes through.
+  """
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  augment: bool = True
+  pad: int = 4
+  flip: bool = True
+
+  def __call__(self, rng, images, train):
+    if images.dtype != jnp.uint8:  # streamed data arrives preprocessed
+      return images.astype(jnp.float32)
+    if train and self.augment:
+      images = augment(rng, images, pad=self.pad, flip=self.flip)
+    return normalize(images, self.mean, self.std)
 
 
 def augment(rng, images, *, pad=4, flip=True):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from collab_jax import errors
+from collab_jax.data import augment
 from collab_jax.data import imagenet
 from collab_jax.data import in_memory
 from collab_jax.data import label_noise
@@ -23,12 +24,12 @@ class DataSource:
   """What the loop needs from the data: shapes, statistics and batches.
 
   Batches are this process's share of the global batch, as numpy arrays
-  (`to_global` makes them global arrays).
+  (`parallel.to_global` makes them global arrays).
   """
   num_train: int
   num_classes: int
   image_shape: tuple
-  stats: dict
+  preprocess: augment.Preprocess  # on the device, inside the steps
   steps_per_epoch: int
   train_iter: Callable[[int], Iterator[dict]]  # start step -> batches from it on
   eval_batches: Callable[[], Iterator[dict]]   # the whole test set, once
@@ -37,24 +38,35 @@ class DataSource:
   train_eval_batches: Optional[Callable[[], Iterator[dict]]] = None
 
 
-def to_global(local, sharding):
-  """A process-local batch -> global arrays sharded by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
-
-
 def create_data_source(config):
   """Loads the dataset of `config.dataset` for this process.
+
+  Raises ConfigError or DatasetError (one line each) for data settings that
+  cannot work.
 
   In-memory datasets are read here; a stream opens when `train_iter` is
   called, at the step the run starts from.
   """
+  if config.dataset not in DATASETS:  # in memory or streamed
+    raise errors.ConfigError(
+        f'config.dataset: {config.dataset!r} is unknown; choose one of '
+        f'{", ".join(DATASETS)}.')
   if config.dataset in STREAMING_DATASETS:
     return _stream(config)
   return _in_memory(config)
 
 
+def _preprocess(config, mean, std):
+  return augment.Preprocess(tuple(mean), tuple(std), augment=config.augment,
+                            pad=config.augment_pad, flip=config.augment_flip)
+
+
 def _stream(config):
+  for key in ('labeled_per_class', 'label_noise', 'eval_train_clean'):
+    if config[key]:
+      raise errors.ConfigError(
+          f'config.{key}: not supported for streamed {config.dataset}; use an '
+          'in-memory dataset.')
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   data_dir = config.data_dir or None
   num_train = imagenet.num_examples(config.dataset, 'train', data_dir)
@@ -70,7 +82,7 @@ def _stream(config):
   return DataSource(
       num_train, 1000,  # imagenet2012 classes
       (config.image_size, config.image_size, 3),
-      {'mean': imagenet.IMAGENET_MEAN, 'std': imagenet.IMAGENET_STD},
+      _preprocess(config, imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD),
       per_epoch,
       lambda start: iterator('train', config.batch_size, start),
       lambda: iterator('validation', config.eval_batch_size))
@@ -122,7 +134,7 @@ def _in_memory(config):
       yield {k: order.process_slice(v, p_idx, p_cnt) for k, v in b.items()}
 
   return DataSource(ds.num_train, ds.num_classes, ds.image_shape,
-                    {'mean': ds.mean, 'std': ds.std}, per_epoch,
+                    _preprocess(config, ds.mean, ds.std), per_epoch,
                     lambda start: map(batch, itertools.count(start)),
                     lambda: eval_batches(ds.test_images, ds.test_labels),
                     lambda: eval_batches(ds.train_images, ds.train_labels))

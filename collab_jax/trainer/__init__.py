@@ -2,6 +2,9 @@
 
   train.py          the loop: `train_and_evaluate(config, workdir)`
   steps.py          model, optimizer, train state and the jitted steps
+  methods.py        the training methods, one registry entry each
+  parallel.py       the device mesh and shardings
+  metrics.py        metric names and their (sum, count) arithmetic
   checkpointing.py  the workdir: lock, config record, checkpoints, export
   config_lib.py     checks of the config that no single component sees
   recipes.py        every config key with its default, and the recipes

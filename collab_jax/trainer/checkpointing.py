@@ -17,14 +17,11 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
 import orbax.checkpoint as ocp
 
 from collab_jax import errors
 from collab_jax import heads as heads_lib
 from collab_jax.trainer import logging_utils
-from collab_jax.trainer import steps as steps_lib
 
 # Keys that may change between a run and its resumption without changing what
 # is computed (logging, checkpoint cadence, where data lives, when to stop).
@@ -247,15 +244,16 @@ def checkpoint_manager(workdir, config, cleanup=False):
   return manager
 
 
-def restore_latest(manager, abstract_state, corrupt_dir=None, sharding=None):
+def restore_latest(manager, abstract_state, *, sharding, corrupt_dir=None):
   """Restores the newest readable checkpoint; falls back past corrupt ones.
 
   Args:
     manager: the run's `CheckpointManager`.
     abstract_state: shapes and dtypes of the state (`jax.eval_shape`).
-    sharding: where every restored array goes; default: replicated over all
-      of `jax.devices()`. Never the saved topology, so that a run saved on one
-      device count resumes on another (`cpu_devices`, another machine).
+    sharding: where every restored array goes (the run's replicated
+      sharding, `parallel.DataParallel.replicated`). Never the saved
+      topology, so that a run saved on one device count resumes on another
+      (`cpu_devices`, another machine).
     corrupt_dir: where the training run moves unreadable checkpoints newer
       than the one restored (`<corrupt_dir>/<step>_<time>`; never deleted).
       Left among the steps, a corrupt step would stop the manager from saving
@@ -269,8 +267,6 @@ def restore_latest(manager, abstract_state, corrupt_dir=None, sharding=None):
     WorkdirError: with `corrupt_dir`, when there are checkpoints but none is
       readable (nothing is moved then: a person should look).
   """
-  if sharding is None:
-    sharding = NamedSharding(Mesh(np.array(jax.devices()), ('data',)), P())
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       abstract_state)
@@ -333,16 +329,3 @@ def save_export(workdir, state, splits):
     exported = export_variables(state, tuple(tuple(s) for s in splits), 0)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(export_dir, exported)
-
-
-def load_run_variables(workdir, config, num_classes, image_shape):
-  """The model and variables of the latest checkpoint of the run in `workdir`."""
-  model = steps_lib.create_model(config, num_classes)
-  tx = steps_lib.create_optimizer(config, lambda s: 0.0)
-  abstract = jax.eval_shape(lambda: steps_lib.create_train_state(
-      jax.random.key(0), config, model, image_shape, tx))
-  with checkpoint_manager(workdir, config) as manager:
-    state, _ = restore_latest(manager, abstract)
-  if state is None:
-    raise errors.ConfigError(f'no readable checkpoint in {workdir}/checkpoints.')
-  return model, {'params': state.params, 'batch_stats': state.batch_stats}

@@ -1,13 +1,12 @@
 """Model, optimizer, train state and the jitted steps: config -> state -> step.
 
-Parallelism: one `jax.jit` over a 1-D device `Mesh` with axis `data` spanning
-every device of every process (`make_train_step`). The batch is sharded on
-`data`, the train state is replicated, the state buffers are donated.
-BatchNorm statistics are those of the global batch (XLA inserts the
-reductions), i.e. synchronised BatchNorm.
-
-Metrics leave the steps as (sum, count) pairs, summed on the device between
-log steps and divided once on the host (`reduce_metrics`).
+The config is read here, outside jitted code, to build the model, the
+learning-rate schedule and the optimizer; the steps receive what they compute
+with (the model, the optimizer, the method, the preprocessing), never the
+config. Parallelism (`parallel.DataParallel`): one `jax.jit` over a 1-D
+device mesh; the batch is sharded, the train state replicated and donated,
+so BatchNorm statistics are those of the global batch (synchronised
+BatchNorm). Metrics leave the steps as (sum, count) pairs (`metrics`).
 """
 
 import functools
@@ -18,15 +17,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from collab_jax import errors
 from collab_jax import heads as heads_lib
-from collab_jax import losses
 from collab_jax import models
-from collab_jax.data import augment
 from collab_jax.data import streams
-from collab_jax.trainer import semisup
+from collab_jax.trainer import checkpointing
+from collab_jax.trainer import metrics
+from collab_jax.trainer import parallel
 
 LR_SCHEDULES = ('step', 'cosine', 'constant')
 
@@ -112,8 +110,8 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
-def create_optimizer(config, lr_fn):
-  """SGD with momentum and L2 weight decay added to the gradient.
+def create_optimizer(config, lr_fn, method=None):
+  """SGD with momentum and L2 weight decay added to the gradient, then `method`'s wrapping.
 
   Weight decay is coupled (added to the gradient before momentum, like
   `torch.optim.SGD(weight_decay=...)` and the paper's TensorFlow L2 term), so
@@ -128,9 +126,7 @@ def create_optimizer(config, lr_fn):
   tx = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
       optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
-  if config.method == 'mean_teacher':  # the teacher rides in the optimizer state
-    tx = optax.chain(tx, semisup.ema_teacher(config.mean_teacher.decay))
-  return tx
+  return tx if method is None else method.optimizer(tx)
 
 
 @flax.struct.dataclass
@@ -144,15 +140,17 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-def create_train_state(rng, config, model, image_shape, tx):
-  """Initial parameters, BatchNorm statistics and optimizer state."""
+def create_train_state(rng, model, image_shape, tx, init_opt_state=None):
+  """Initial parameters, BatchNorm statistics and optimizer state.
+
+  `init_opt_state(tx, params)`: the method's (e.g. one state per head);
+  default `tx.init(params)`.
+  """
   dummy = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
   params = variables['params']
-  if config.method == 'alternating':
-    opt_state = jax.vmap(tx.init)(params['level_1'])  # one per head
-  else:
-    opt_state = tx.init(params)
+  opt_state = (init_opt_state(tx, params) if init_opt_state
+               else tx.init(params))
   # Separate buffers: they are donated to the train step one by one.
   zero = lambda: jnp.zeros((), jnp.int32)
   return TrainState(step=zero(), params=params,
@@ -161,54 +159,53 @@ def create_train_state(rng, config, model, image_shape, tx):
                     nonfinite_total=zero())
 
 
+def load_run_variables(workdir, config, num_classes, image_shape, *, method,
+                       sharding=None):
+  """The model and variables of the latest readable checkpoint of the run in `workdir`.
+
+  Args:
+    method: the run's `methods.Method` (its optimizer state is part of the
+      checkpoint's structure).
+    sharding: where the arrays go (default: replicated over every device).
+
+  Raises:
+    WorkdirError when the run has no readable checkpoint.
+  """
+  model = create_model(config, num_classes)
+  tx = create_optimizer(config, lambda s: 0.0, method)
+  abstract = jax.eval_shape(lambda: create_train_state(
+      jax.random.key(0), model, image_shape, tx, method.init_opt_state))
+  if sharding is None:
+    sharding = parallel.data_parallel().replicated
+  with checkpointing.checkpoint_manager(workdir, config) as manager:
+    state, _ = checkpointing.restore_latest(manager, abstract, sharding=sharding)
+  if state is None:
+    raise errors.WorkdirError(f'no readable checkpoint in {workdir}/checkpoints.')
+  return model, {'params': state.params, 'batch_stats': state.batch_stats}
+
+
 # ----------------------------------------------------------------------------
 # Steps.
 
 
-def _pair(total, count):
-  return jnp.stack([jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)])
+def augment_key(seed, step):
+  """The key of the on-device augmentation of step `step`."""
+  return streams.augment_key(seed, step)
 
 
-def _head_metrics(logits, labels, parts, loss, labeled=None):
-  """Train metrics as (sum, count) pairs; head 1 is index 0; errors on labelled examples."""
-  metrics = {'loss': _pair(loss, 1)}
+def head_metrics(logits, labels, parts, loss, labeled=None):
+  """Train metrics as (sum, count) pairs; errors on labelled examples."""
+  out = {'loss': metrics.pair(loss, 1)}
   wrong = jnp.argmax(logits, -1) != labels[None]
   if labeled is None:
     num_wrong, batch = jnp.sum(wrong, axis=1), labels.shape[0]
   else:
     num_wrong, batch = jnp.sum(wrong * labeled[None], axis=1), jnp.sum(labeled)
   for h in range(logits.shape[0]):
-    metrics[f'head_{h + 1}/hard'] = _pair(parts['hard'][h], 1)
-    metrics[f'head_{h + 1}/soft'] = _pair(parts['soft'][h], 1)
-    metrics[f'head_{h + 1}/error'] = _pair(100.0 * num_wrong[h], batch)
-  return metrics
-
-
-def loss_terms(logits, labels, config, teacher_logits=None, labeled=None,
-               unlabeled_weight=1.0):
-  """The method's per-head loss terms `{'hard', 'soft', 'total'}` ([H] each).
-
-  `labeled` ([B] mask, None = all labelled) and `unlabeled_weight`: the
-  semi-supervised loss of `losses.collaborative_head_losses`.
-  """
-  smoothing = config.label_smoothing if config.method == 'label_smoothing' else 0.0
-  semi = dict(labeled=labeled, unlabeled_weight=unlabeled_weight)
-  if config.method == 'mean_teacher':
-    # The student's collaborative loss with the teacher as the only other
-    # head: its consensus target is the teacher's softmax(z_t / T).
-    pair = jnp.stack([logits[0], jax.lax.stop_gradient(teacher_logits)])
-    parts = losses.collaborative_head_losses(
-        pair, labels, beta=config.beta, temperature=config.temperature, **semi)
-    return {k: v[:1] for k, v in parts.items()}
-  if config.method == 'distillation':
-    parts = losses.distillation_loss(logits[0], teacher_logits, labels,
-                                     beta=config.beta,
-                                     temperature=config.temperature)
-    return {k: v[None] for k, v in parts.items()}
-  return losses.collaborative_head_losses(
-      logits, labels, beta=config.beta, temperature=config.temperature,
-      label_smoothing=smoothing, consensus_gradient=config.consensus_gradient,
-      **semi)
+    out[metrics.head(h, 'hard')] = metrics.pair(parts['hard'][h], 1)
+    out[metrics.head(h, 'soft')] = metrics.pair(parts['soft'][h], 1)
+    out[metrics.head(h, 'error')] = metrics.pair(100.0 * num_wrong[h], batch)
+  return out
 
 
 def all_finite(*trees):
@@ -217,13 +214,17 @@ def all_finite(*trees):
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
-def _guarded_update(state, new_state, loss, grads):
+def guarded_update(state, new_state, loss, grads):
   """Applies `new_state` only if the loss, gradients and new state are finite.
 
   The new parameters and BatchNorm statistics are checked too: a finite
   gradient times a huge learning rate can still overflow them, and such a
   state must never be applied (or checkpointed). One decision covers the whole
   state, optimizer included (optax.apply_if_finite sees only the gradient).
+  Every method's step ends here.
+
+  Returns:
+    The next state (step + 1) and 1 if the update was skipped, else 0.
   """
   finite = all_finite(loss, grads, new_state.params, new_state.batch_stats)
   keep = lambda new, old: jax.tree.map(
@@ -238,51 +239,44 @@ def _guarded_update(state, new_state, loss, grads):
       nonfinite_total=state.nonfinite_total + skipped), skipped
 
 
-def train_step(state, batch, teacher_vars=None, *, model, tx, config,
-               data_stats, teacher_apply=None, unlabeled_weight_fn=None):
+def train_step(state, batch, teacher_vars=None, *, model, tx, method,
+               preprocess, seed, unlabeled_weight_fn=None):
   """One simultaneous optimizer step on all parameters (paper Sec. 3.2).
 
   Args:
     state: the replicated `TrainState` (donated).
-    batch: {'image': [B, ...], 'label': int [B]}, sharded over `data`.
-    teacher_vars: variables of the frozen teacher ensemble (distillation).
-    model: the `HeadTree`.
-    tx: the optax optimizer.
-    config: the run config (static); `config.model.rescale == 'loss'` divides
-      the summed loss by the number of heads (the ablation of Table 3).
-    data_stats: {'mean', 'std'} of the training images.
-    teacher_apply: `teacher_apply(teacher_vars, images) -> [N, B, C]`.
-    unlabeled_weight_fn: step -> weight of the unlabelled examples' consensus
-      term (semi-supervised batches carry a `labeled` mask); default: constant
-      `config.unlabeled_weight`.
+    batch: {'image': uint8 [B, ...], 'label': int32 [B]} sharded over the
+      batch axis; semi-supervised batches also carry 'labeled' (bool [B]).
+    teacher_vars: variables of the method's frozen teachers (distillation).
+    model: the `HeadTree`; its `rescale='loss'` (the ablation of Table 3)
+      divides the summed loss by the number of heads.
+    tx: the optax optimizer (the method's).
+    method: the `methods.Method`: loss terms and teacher logits.
+    preprocess: `augment.Preprocess`, augmentation and normalisation.
+    seed: the run's seed (the augmentation stream).
+    unlabeled_weight_fn: step -> weight of the unlabelled examples'
+      consensus term; default 1.
 
   Returns:
     The new state and a dict of (sum, count) metric pairs.
   """
-  rng = streams.augment_key(config.seed, state.step)
-  images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
-  labels = batch['label']
-  scale = heads_lib.loss_scale(config.model.rescale, model.num_heads)
-  teacher_logits = None
-  if teacher_apply is not None:
-    teacher_logits = jnp.mean(teacher_apply(teacher_vars, images), axis=0)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  labeled = batch.get('labeled')
-  weight = (unlabeled_weight_fn(state.step) if unlabeled_weight_fn
-            else config.get('unlabeled_weight', 1.0))
-  if config.method == 'mean_teacher':  # train mode, its own augmentation
-    teacher_images = augment.preprocess(jax.random.fold_in(rng, 1), batch['image'],
-                                config, data_stats, train=True)
-    teacher_logits = jax.lax.stop_gradient(model.apply(
-        {'params': semisup.teacher_params(state.opt_state),
-         'batch_stats': state.batch_stats}, teacher_images, train=True,
-        mutable=['batch_stats'])[0][0])
+  rng = augment_key(seed, state.step)
+  images = preprocess(rng, batch['image'], train=True)
+  labels, labeled = batch['label'], batch.get('labeled')
+  scale = heads_lib.loss_scale(model.rescale, model.num_heads)
+  weight = unlabeled_weight_fn(state.step) if unlabeled_weight_fn else 1.0
+  teacher_logits = method.teacher_logits(
+      model=model, state=state, images=images, teacher_vars=teacher_vars,
+      teacher_view=lambda: preprocess(jax.random.fold_in(rng, 1),
+                                      batch['image'], train=True))
 
   def loss_fn(params):
     logits, new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'])
-    parts = loss_terms(logits, labels, config, teacher_logits, labeled, weight)
+    parts = method.loss_terms(logits, labels, labeled=labeled,
+                              unlabeled_weight=weight,
+                              teacher_logits=teacher_logits)
     return jnp.sum(parts['total']) * scale, (logits, parts,
                                              new_vars['batch_stats'])
 
@@ -290,128 +284,62 @@ def train_step(state, batch, teacher_vars=None, *, model, tx, config,
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state, skipped = _guarded_update(
+  new_state, skipped = guarded_update(
       state, state.replace(params=params, batch_stats=batch_stats,
                            opt_state=opt_state), loss, grads)
-  metrics = _head_metrics(logits, labels, parts, loss, labeled)
-  metrics['nonfinite_skipped'] = _pair(skipped, 1)
-  if labeled is not None or config.method == 'mean_teacher':
-    metrics['unlabeled_weight'] = _pair(weight, 1)
-  return new_state, metrics
+  out = head_metrics(logits, labels, parts, loss, labeled)
+  out['nonfinite_skipped'] = metrics.pair(skipped, 1)
+  if labeled is not None:
+    out['unlabeled_weight'] = metrics.pair(weight, 1)
+  return new_state, out
 
 
-def alternating_train_step(state, batch, teacher_vars=None, *, model, tx,
-                           config, data_stats):
-  """Deep Mutual Learning (Zhang et al. 2017): heads updated one after another.
-
-  The tree must be `H` separate instances (`splits = ((0, H),)`). Head `h`'s
-  update uses the logits of the other heads computed *after* heads `< h` were
-  updated in this step, and its own optimizer state (`opt_state` is stacked
-  per head). The loss of head `h` is the paper's `L_h` with its consensus.
-  """
-  del teacher_vars
-  rng = streams.augment_key(config.seed, state.step)
-  images = augment.preprocess(rng, batch['image'], config, data_stats, train=True)
-  labels = batch['label']
-  params, batch_stats, opt_state = state.params, state.batch_stats, state.opt_state
-  every_head_finite = jnp.array(True)
-  terms = {'hard': [], 'soft': [], 'total': []}  # of head h, from its own update
-  logits = None
-  for h in range(model.num_heads):
-    def loss_fn(head_params, h=h):
-      level = jax.tree.map(lambda a, p: a.at[h].set(p), params['level_1'],
-                           head_params)
-      logits, new_vars = model.apply(
-          {'params': {**params, 'level_1': level}, 'batch_stats': batch_stats},
-          images, train=True, mutable=['batch_stats'])
-      parts = loss_terms(logits, labels, config)
-      return parts['total'][h], (logits, parts, new_vars['batch_stats'])
-
-    head_params = jax.tree.map(lambda a, h=h: a[h], params['level_1'])
-    (loss_h, (logits, parts, new_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(head_params)
-    head_opt = jax.tree.map(lambda a, h=h: a[h], opt_state)
-    updates, head_opt = tx.update(grads, head_opt, head_params)
-    head_params = optax.apply_updates(head_params, updates)
-    head_stats = (jax.tree.map(lambda a, h=h: a[h], new_stats['level_1'])
-                  if batch_stats else {})
-    finite = all_finite(loss_h, grads, head_params, head_stats)
-    every_head_finite &= finite
-    put = lambda stacked, new, h=h: jax.tree.map(
-        lambda a, n: a.at[h].set(jnp.where(finite, n, a[h])), stacked, new)
-    params = {**params, 'level_1': put(params['level_1'], head_params)}
-    opt_state = put(opt_state, head_opt)
-    if batch_stats:
-      batch_stats = {**batch_stats, 'level_1': put(batch_stats['level_1'],
-                                                   head_stats)}
-    for k, v in terms.items():
-      v.append(parts[k][h])
-  parts = {k: jnp.stack(v) for k, v in terms.items()}
-  loss = jnp.sum(parts['total'])
-  skipped = jnp.logical_not(every_head_finite).astype(jnp.int32)
-  new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats,
-      opt_state=opt_state,
-      nonfinite_streak=jnp.where(every_head_finite, 0, state.nonfinite_streak + 1),
-      nonfinite_total=state.nonfinite_total + skipped)
-  metrics = _head_metrics(logits, labels, parts, loss)
-  metrics['nonfinite_skipped'] = _pair(skipped, 1)
-  return new_state, metrics
+def _wrong(logits, labels, mask):
+  return 100.0 * jnp.sum((jnp.argmax(logits, -1) != labels) * mask)
 
 
-def eval_step(state, batch, teacher_vars=None, *, model, config, data_stats,
-              teacher_apply=None):
+def _top5_wrong(logits, labels, mask):
+  top5 = jax.lax.top_k(logits, 5)[1]
+  return 100.0 * jnp.sum(~jnp.any(top5 == labels[:, None], -1) * mask)
+
+
+def eval_step(state, batch, teacher_vars=None, *, model, method, preprocess):
   """Test metrics as (sum, count) pairs: every head, the ensemble of heads,
-  and (distillation) the ensemble of teachers."""
-  images = augment.preprocess(None, batch['image'], config, data_stats, train=False)
+  and the method's teachers (distillation)."""
+  images = preprocess(None, batch['image'], train=False)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        images, train=False)
   labels, mask = batch['label'], batch['mask']
   count = jnp.sum(mask)
-  wrong = (jnp.argmax(logits, -1) != labels[None]) * mask[None]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
   nll = -jnp.take_along_axis(logp, labels[None, :, None], -1)[..., 0] * mask[None]
-  metrics = {}
-  for h in range(logits.shape[0]):
-    metrics[f'head_{h + 1}/error'] = _pair(100.0 * jnp.sum(wrong[h]), count)
-    metrics[f'head_{h + 1}/loss'] = _pair(jnp.sum(nll[h]), count)
   ensemble = jnp.mean(logits, axis=0)
-  metrics['ensemble/error'] = _pair(
-      100.0 * jnp.sum((jnp.argmax(ensemble, -1) != labels) * mask), count)
-  if teacher_apply is not None:
-    teachers = jnp.mean(teacher_apply(teacher_vars, images), axis=0)
-    metrics['teachers/error'] = _pair(
-        100.0 * jnp.sum((jnp.argmax(teachers, -1) != labels) * mask), count)
-  if logits.shape[-1] > 5:  # top-5 error (paper Table 4), where it means something
-    def top5_wrong(z):
-      top5 = jax.lax.top_k(z, 5)[1]
-      return 100.0 * jnp.sum(~jnp.any(top5 == labels[:, None], -1) * mask)
-    for h in range(logits.shape[0]):
-      metrics[f'head_{h + 1}/top5_error'] = _pair(top5_wrong(logits[h]), count)
-    metrics['ensemble/top5_error'] = _pair(top5_wrong(ensemble), count)
-  return metrics
-
-
-def reduce_metrics(pairs):
-  """{name: [sum, count]} -> {name: sum / count} on the host."""
-  pairs = jax.device_get(pairs)
-  return {k: float(v[0] / max(v[1], 1e-12)) for k, v in pairs.items()}
-
-
-def accumulate(acc, metrics):
-  """Sums (sum, count) metric pairs on the device; `acc` None starts anew."""
-  return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+  out = {f'{metrics.ENSEMBLE}/error': metrics.pair(_wrong(ensemble, labels, mask), count)}
+  top5 = logits.shape[-1] > 5  # top-5 error (paper Table 4), where it means something
+  for h in range(logits.shape[0]):
+    out[metrics.head(h, 'error')] = metrics.pair(_wrong(logits[h], labels, mask), count)
+    out[metrics.head(h, 'loss')] = metrics.pair(jnp.sum(nll[h]), count)
+    if top5:
+      out[metrics.head(h, 'top5_error')] = metrics.pair(
+          _top5_wrong(logits[h], labels, mask), count)
+  if top5:
+    out[f'{metrics.ENSEMBLE}/top5_error'] = metrics.pair(
+        _top5_wrong(ensemble, labels, mask), count)
+  teachers = method.eval_teacher_logits(teacher_vars, images)
+  if teachers is not None:
+    out[f'{metrics.TEACHERS}/error'] = metrics.pair(_wrong(teachers, labels, mask), count)
+  return out
 
 
 # ----------------------------------------------------------------------------
 # The steps compiled over a device mesh.
 
 
-def make_train_step(config, mesh, *, model, tx, data_stats, steps_per_epoch,
-                    teacher_apply=None, compiler_options=None):
-  """The train step of `config.method`, jitted over `mesh`.
+def make_train_step(placement, *, model, tx, method, preprocess, seed,
+                    unlabeled_weight_fn=None, compiler_options=None):
+  """The method's train step jitted over `placement` (`parallel.DataParallel`).
 
-  The batch is sharded on the mesh's `data` axis, the state and the teacher
+  The batch is sharded on the mesh's batch axis, the state and the teacher
   variables are replicated, and the state is donated.
 
   Args:
@@ -421,28 +349,22 @@ def make_train_step(config, mesh, *, model, tx, data_stats, steps_per_epoch,
   Returns:
     `step(state, batch, teacher_vars) -> (state, metrics)`.
   """
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  stats = {k: tuple(float(x) for x in v) for k, v in data_stats.items()}
-  if config.method == 'alternating':
-    step = functools.partial(alternating_train_step, model=model, tx=tx,
-                             config=config, data_stats=stats)
-  else:
-    step = functools.partial(
-        train_step, model=model, tx=tx, config=config, data_stats=stats,
-        teacher_apply=teacher_apply,
-        unlabeled_weight_fn=semisup.unlabeled_weight_fn(config, steps_per_epoch))
+  step = functools.partial(
+      method.train_step or train_step, model=model, tx=tx,
+      preprocess=preprocess, seed=seed, unlabeled_weight_fn=unlabeled_weight_fn,
+      **({} if method.train_step else {'method': method}))
   if compiler_options is None:
-    compiler_options = models.compiler_options(mesh.devices.flat[0].platform)
-  return jax.jit(step, in_shardings=(replicated, sharded, replicated),
+    compiler_options = models.compiler_options(placement.platform)
+  replicated = placement.replicated
+  return jax.jit(step, in_shardings=(replicated, placement.batch, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,),
                  compiler_options=compiler_options or None)
 
 
-def make_eval_step(config, mesh, *, model, data_stats, teacher_apply=None):
-  """`eval_step` jitted over `mesh`: `step(state, batch, teacher_vars) -> metrics`."""
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  stats = {k: tuple(float(x) for x in v) for k, v in data_stats.items()}
-  return jax.jit(functools.partial(eval_step, model=model, config=config,
-                                   data_stats=stats, teacher_apply=teacher_apply),
-                 in_shardings=(replicated, sharded, replicated),
+def make_eval_step(placement, *, model, method, preprocess):
+  """`eval_step` jitted over `placement`: `step(state, batch, teacher_vars) -> metrics`."""
+  replicated = placement.replicated
+  return jax.jit(functools.partial(eval_step, model=model, method=method,
+                                   preprocess=preprocess),
+                 in_shardings=(replicated, placement.batch, replicated),
                  out_shardings=replicated)

@@ -1,64 +1,106 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-It builds each thing once, in order: checks, the workdir and its lock, the
-data, the model and optimizer, the state restored from the last checkpoint,
-the data stream from the restored step, the compiled steps; then it trains,
-logs, checkpoints, evaluates and exports head 1. The pieces live in
-`config_lib` (checks), `data`, `steps`, `checkpointing` and `teachers`.
+It builds each thing once, in order (`build`): the config checks, the data
+source, the model, the method, the learning-rate schedule and the optimizer,
+all before the workdir is touched; then the teacher runs a method needs,
+the workdir and its lock, the state restored from the last checkpoint, the
+data stream from the restored step and the compiled steps; then it trains,
+logs, checkpoints, evaluates and exports head 1.
 """
 
+import dataclasses
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from collab_jax import errors
+from collab_jax import heads as heads_lib
 from collab_jax.data import source as data_lib
 from collab_jax.data import streams
 from collab_jax.trainer import checkpointing
 from collab_jax.trainer import config_lib
 from collab_jax.trainer import logging_utils
+from collab_jax.trainer import methods
+from collab_jax.trainer import metrics
+from collab_jax.trainer import parallel
 from collab_jax.trainer import signals
 from collab_jax.trainer import steps
-from collab_jax.trainer import teachers
 
 
-def train_teachers(config, workdir):
-  """Trains (or resumes, or finds finished) every teacher run of `config`.
+@dataclasses.dataclass
+class Components:
+  """Everything a run computes with, built once from its config (`build`)."""
+  data: data_lib.DataSource
+  model: heads_lib.HeadTree
+  method: methods.Method
+  lr_fn: Callable[[int], Any]
+  tx: Any
+  num_steps: int
+  unlabeled_weight_fn: Callable[[Any], Any]
 
-  Each teacher is an ordinary run in its own workdir (`teachers.teacher_runs`).
 
-  Returns:
-    True when every teacher has finished, False when one stopped early (a
-    signal or `halt_after_steps`; rerunning resumes it).
+def build(config: ml_collections.ConfigDict) -> Components:
+  """Checks `config` and builds every component of its run, touching no workdir.
+
+  Each value is checked where it is used; a mistake raises ConfigError or
+  DatasetError (one line naming the key or the file, and the fix).
   """
-  runs = teachers.teacher_runs(config, workdir)
-  for k, (teacher, teacher_dir) in enumerate(runs, 1):
-    logging_utils.console(f'distillation phase 1/2: teacher {k}/{len(runs)} '
-                          f'(seed {teacher.seed}) in {teacher_dir}')
-    if train_and_evaluate(teacher, teacher_dir) is None:
-      return False
-  return True
+  config_lib.check(config)
+  data = data_lib.create_data_source(config)
+  if config.eval_train_clean and data.train_eval_batches is None:
+    raise errors.ConfigError(
+        f'config.eval_train_clean: {config.dataset} is streamed; the training '
+        'set can be evaluated for in-memory datasets only.')
+  model = steps.create_model(config, data.num_classes)
+  method = methods.create(config, model.num_heads)
+  if config.labeled_per_class and not method.semi_supervised:
+    raise errors.ConfigError(
+        f'config.method: {config.method!r} does not take unlabelled examples; '
+        'with labeled_per_class > 0 use one of '
+        f'{", ".join(n for n, m in methods.REGISTRY.items() if m.semi_supervised)}.')
+  lr_fn = steps.create_learning_rate_fn(config, data.steps_per_epoch)
+  tx = steps.create_optimizer(config, lr_fn, method)
+  return Components(
+      data=data, model=model, method=method, lr_fn=lr_fn, tx=tx,
+      num_steps=steps.total_steps(config, data.steps_per_epoch),
+      unlabeled_weight_fn=methods.unlabeled_weight_fn(config, data.steps_per_epoch))
+
+
+def load_run_variables(config: ml_collections.ConfigDict, workdir: str):
+  """The model and variables of the latest checkpoint of the run of `config` in `workdir`."""
+  built = build(config)
+  return steps.load_run_variables(workdir, config, built.data.num_classes,
+                                  built.data.image_shape, method=built.method)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains the head tree of `config` in `workdir`, resuming if possible.
 
+  A method with teachers (distillation) first trains, resumes or finds
+  finished each teacher run in its own workdir.
+
   Args:
-    config: the run config (see collab_jax/recipes.py).
+    config: the run config (see collab_jax/trainer/recipes.py).
     workdir: directory for checkpoints, logs, results and the exported head.
 
   Returns:
     The results dict also written to `workdir/results.json` (head 1's test
-    error is the headline), or None when the run stopped early (signal or
-    `halt_after_steps`) with a checkpoint to resume from.
+    error is the headline), or None when the run (or a teacher run) stopped
+    early (signal or `halt_after_steps`) with a checkpoint to resume from.
   """
-  config_lib.validate_config(config)
+  built = build(config)
+  teacher_runs = built.method.teacher_runs(config, workdir)
+  for k, (teacher, teacher_dir) in enumerate(teacher_runs, 1):
+    logging_utils.console(f'teacher run {k}/{len(teacher_runs)} (seed '
+                          f'{teacher.seed}) in {teacher_dir}')
+    if train_and_evaluate(teacher, teacher_dir) is None:
+      return None
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.WorkdirError(f'workdir {workdir} exists and is not a directory.')
   # Read-only checks first, so that a refused or finished workdir is not
@@ -80,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if results is not None:
       return results
     try:
-      return _train(config, workdir, config_changes)
+      return _train(config, workdir, built, config_changes)
     except Exception as e:  # pylint: disable=broad-except
       full = checkpointing.disk_full(e)
       if full is None:
@@ -92,34 +134,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           'command; it resumes from the last complete checkpoint.') from None
 
 
-def _train(config, workdir, config_changes):
+def _train(config, workdir, built, config_changes):
   """train_and_evaluate past its checks, with the workdir lock held."""
   is_main = jax.process_index() == 0
-  mesh = Mesh(np.array(jax.devices()), ('data',))
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P('data'))
+  placement = parallel.data_parallel()
+  data, model, method, tx = built.data, built.model, built.method, built.tx
+  per_epoch, num_steps = data.steps_per_epoch, built.num_steps
   manager = checkpointing.checkpoint_manager(workdir, config, cleanup=True)
-
-  data = data_lib.create_data_source(config)
-  per_epoch = data.steps_per_epoch
-  num_steps = steps.total_steps(config, per_epoch)
-  teacher_apply, teacher_vars, teacher_errors = None, {}, None
-  if config.method == 'distillation':
-    teacher_apply, teacher_vars, teacher_errors = teachers.load_teachers(
-        config, workdir, data.num_classes, data.image_shape)
-    teacher_vars = jax.device_put(teacher_vars, replicated)
-  model = steps.create_model(config, data.num_classes)
-  lr_fn = steps.create_learning_rate_fn(config, per_epoch)
-  tx = steps.create_optimizer(config, lr_fn)
+  teacher_vars, teacher_errors = method.load_teachers(
+      config, workdir, data, placement.replicated)
+  teacher_vars = jax.device_put(teacher_vars, placement.replicated)
 
   def init():
-    return steps.create_train_state(streams.init_key(config.seed), config, model,
-                                    data.image_shape, tx)
+    return steps.create_train_state(streams.init_key(config.seed), model,
+                                    data.image_shape, tx, method.init_opt_state)
   try:
     state, restored_step = checkpointing.restore_latest(
-        manager, jax.eval_shape(init),
-        corrupt_dir=os.path.join(workdir, 'corrupt_checkpoints'),
-        sharding=replicated)
+        manager, jax.eval_shape(init), sharding=placement.replicated,
+        corrupt_dir=os.path.join(workdir, 'corrupt_checkpoints'))
   except errors.WorkdirError:
     manager.close()
     raise
@@ -131,28 +163,27 @@ def _train(config, workdir, config_changes):
     logging_utils.console(f'resuming from the checkpoint at step {restored_step}')
     if config_changes and is_main:  # allowed: record what changed, and when
       checkpointing.record_config(workdir, config, restored_step, config_changes)
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(state, placement.replicated)
   start_step = int(state.step)
   if is_main:
     checkpointing.forget_logs_after(workdir, start_step)
   batches = data.train_iter(start_step)  # once, from the restored step
 
   train_step = steps.make_train_step(
-      config, mesh, model=model, tx=tx, data_stats=data.stats,
-      steps_per_epoch=per_epoch, teacher_apply=teacher_apply)
-  eval_step = steps.make_eval_step(config, mesh, model=model,
-                                   data_stats=data.stats,
-                                   teacher_apply=teacher_apply)
+      placement, model=model, tx=tx, method=method, preprocess=data.preprocess,
+      seed=config.seed, unlabeled_weight_fn=built.unlabeled_weight_fn)
+  eval_step = steps.make_eval_step(placement, model=model, method=method,
+                                   preprocess=data.preprocess)
 
   def evaluate(state, batches=data.eval_batches):
     acc = None
     for local in batches():
-      batch = data_lib.to_global(local, data_sharding)
-      acc = steps.accumulate(acc, eval_step(state, batch, teacher_vars))
-    return steps.reduce_metrics(acc)
+      batch = parallel.to_global(local, placement.batch)
+      acc = metrics.accumulate(acc, eval_step(state, batch, teacher_vars))
+    return metrics.reduce(acc)
 
   writer = logging_utils.MetricWriter(workdir, enabled=is_main)
-  batch = data_lib.to_global(next(batches), data_sharding)
+  batch = parallel.to_global(next(batches), placement.batch)
   t_compile = time.time()
   compiled = train_step.lower(state, batch, teacher_vars).compile()
   run_info = {'devices': jax.device_count(), 'processes': jax.process_count(),
@@ -183,24 +214,24 @@ def _train(config, workdir, config_changes):
   with signals.StopSignal() as stop, manager:
     step = start_step
     while step < num_steps:
-      state, metrics = compiled(state, batch, teacher_vars)
-      acc = steps.accumulate(acc, metrics)
+      state, step_metrics = compiled(state, batch, teacher_vars)
+      acc = metrics.accumulate(acc, step_metrics)
       step += 1
       if step < num_steps:  # overlaps the running step
-        batch = data_lib.to_global(next(batches), data_sharding)
+        batch = parallel.to_global(next(batches), placement.batch)
       is_log = step % config.log_every_steps == 0 or step == num_steps
       if is_log:
-        summary = steps.reduce_metrics(acc)
+        summary = metrics.reduce(acc)
         acc = None
         now = time.time()
         step_time = (now - t_last) / max(step - s_last, 1)
         step_times.append(step_time)
         t_last, s_last = now, step
-        summary.update(lr=float(lr_fn(step - 1)), step_time_s=step_time,
+        summary.update(lr=float(built.lr_fn(step - 1)), step_time_s=step_time,
                        images_per_s=config.batch_size / step_time,
                        epoch=step / per_epoch)
         writer.write(step, summary, 'train')
-        progress.update(step, loss=summary['loss'], err1=summary['head_1/error'])
+        progress.update(step, loss=summary['loss'], err1=summary[metrics.head(0, 'error')])
         streak = int(state.nonfinite_streak)
         if streak >= config.max_nonfinite_streak:
           manager.wait_until_finished()
@@ -242,15 +273,8 @@ def _train(config, workdir, config_changes):
   final = _final_evaluation(state, num_steps, evaluate, writer)
   heads = model.num_heads
   results = {
-      'head_1_test_error': final['head_1/error'],
-      'head_test_errors': [final[f'head_{h + 1}/error'] for h in range(heads)],
-      'ensemble_test_error': final['ensemble/error'],
-      **({'head_1_test_top5_error': final['head_1/top5_error'],
-          'head_test_top5_errors': [final[f'head_{h + 1}/top5_error']
-                                    for h in range(heads)],
-          'ensemble_test_top5_error': final['ensemble/top5_error']}
-         if 'head_1/top5_error' in final else {}),
-      'head_1_test_loss': final['head_1/loss'],
+      **metrics.results(final, heads, 'test'),
+      'head_1_test_loss': final[metrics.head(0, 'loss')],
       'steps': num_steps,
       'epochs': num_steps / per_epoch,
       'nonfinite_skipped': int(state.nonfinite_total),
@@ -262,13 +286,10 @@ def _train(config, workdir, config_changes):
   if config.eval_train_clean:  # the fit: clean labels, no augmentation
     fit = evaluate(state, data.train_eval_batches)
     writer.write(num_steps, fit, 'eval_train')
-    results.update(
-        head_1_train_error_clean=fit['head_1/error'],
-        head_train_errors_clean=[fit[f'head_{h + 1}/error'] for h in range(heads)],
-        ensemble_train_error_clean=fit['ensemble/error'])
+    results.update(metrics.results(fit, heads, 'train_clean'))
   if teacher_errors is not None:
     results['teacher_test_errors'] = teacher_errors
-    results['teacher_ensemble_test_error'] = final['teachers/error']
+    results['teacher_ensemble_test_error'] = final[f'{metrics.TEACHERS}/error']
   checkpointing.save_export(workdir, state, config.model.splits)
   if is_main:
     logging_utils.write_json_atomic(os.path.join(workdir, 'results.json'), results)
