@@ -8,6 +8,7 @@ that TensorFlow was neither installed nor imported.
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -43,9 +44,16 @@ CHECK = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_wheel_with_core_dependencies_only(tmp_path):
+  # Built from a copy: an in-tree build leaves build/lib behind, and a later
+  # wheel would ship modules that have since been moved or deleted.
+  src = tmp_path / 'src'
+  shutil.copytree(os.path.join(REPO, 'collab_jax'), src / 'collab_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), src / name)
   wheels = tmp_path / 'wheels'
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
-                  '-w', str(wheels), REPO], check=True, cwd=tmp_path)
+                  '-w', str(wheels), str(src)], check=True, cwd=tmp_path)
   (wheel,) = wheels.glob('collab_jax-*.whl')
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
