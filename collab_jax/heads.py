@@ -25,7 +25,8 @@ its own branch count, which is the natural generalisation of `1/H` to a tree.
 """
 
 import math
-from typing import Any, Callable, Sequence, Tuple
+import operator
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -35,19 +36,19 @@ from collab_jax import rescale as rescale_lib
 
 StageFactory = Callable[..., nn.Module]
 Splits = Tuple[Tuple[int, int], ...]
+# What callers may pass as splits: any sequence of (stage_index, branches)
+# pairs of ints, numpy ints included; normalised to `Splits`.
+SplitsLike = Sequence[Sequence[int]]
 
 RESCALE_MODES = ('backprop', 'none', 'loss')
 BRANCH_IMPLS = ('vmap', 'loop')
 
 
-def validate_splits(splits, num_stages) -> Splits:
-  """Checks a topology against a network of `num_stages` stages.
+def _split_pairs(splits: Any) -> Splits:
+  """`splits` as a tuple of `(stage_index, branches)` Python int pairs.
 
-  Returns:
-    The splits as a tuple of `(stage_index, branches)` int pairs.
-
-  Raises:
-    ValueError naming what is wrong and what is allowed.
+  Only the form is checked here (pairs of ints, numpy ints included); the
+  ranges need the network (`validate_splits`).
   """
   try:
     pairs = tuple((s, b) for s, b in splits)
@@ -56,12 +57,30 @@ def validate_splits(splits, num_stages) -> Splits:
         f'splits={splits!r} must be a sequence of (stage_index, branches) '
         'pairs, e.g. ((1, 2),) or ((1, 2), (2, 2)); () is the single model.'
     ) from None
-  previous = -1
   for s, b in pairs:
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                for v in (s, b)):
       raise ValueError(
           f'splits={splits!r}: stage indices and branch counts must be ints.')
+  return tuple((int(s), int(b)) for s, b in pairs)
+
+
+def validate_splits(splits: SplitsLike, num_stages: int) -> Splits:
+  """Checks a topology against a network of `num_stages` stages.
+
+  Args:
+    splits: `((stage_index, branches), ...)`, ints (numpy ints too).
+    num_stages: the network's number of stages.
+
+  Returns:
+    The splits as a tuple of `(stage_index, branches)` Python int pairs.
+
+  Raises:
+    ValueError naming what is wrong and what is allowed.
+  """
+  pairs = _split_pairs(splits)
+  previous = -1
+  for s, b in pairs:
     if not 0 <= s < num_stages:
       raise ValueError(
           f'splits={splits!r}: split index {s} is out of range; this network '
@@ -75,27 +94,58 @@ def validate_splits(splits, num_stages) -> Splits:
       raise ValueError(
           f'splits={splits!r}: split indices must be strictly increasing.')
     previous = s
-  return tuple((int(s), int(b)) for s, b in pairs)
+  return pairs
 
 
-def num_heads(splits) -> int:
+def num_heads(splits: SplitsLike) -> int:
   """Number of heads of a topology: the product of its branch counts."""
-  return math.prod(b for _, b in splits)
+  return math.prod(b for _, b in _split_pairs(splits))
 
 
-def head_path(head: int, splits) -> Tuple[int, ...]:
-  """Branch index at every level for 0-based `head` (row-major over levels)."""
-  branches = tuple(b for _, b in splits)
-  if not 0 <= head < math.prod(branches):
-    raise ValueError(
-        f'head index {head} out of range for {math.prod(branches)} heads '
-        '(0-based: head 1 is index 0).')
-  return tuple(int(i) for i in np.unravel_index(head, branches)) if branches else ()
+def head_path(head: int, splits: SplitsLike) -> Tuple[int, ...]:
+  """Branch index at every level for 0-based `head` (row-major over levels).
+
+  Args:
+    head: 0-based head index, an int (numpy ints too) in [0, num_heads).
+    splits: the tree's topology.
+
+  Raises:
+    TypeError: `head` is not an int (e.g. 1.0 or True).
+    ValueError: `head` is out of range, or `splits` malformed.
+  """
+  branches = tuple(b for _, b in _split_pairs(splits))
+  count = math.prod(branches)
+  expected = f'an int in [0, {count}) (0-based: head 1 is index 0)'
+  try:
+    if isinstance(head, (bool, np.bool_)):
+      raise TypeError  # True would silently mean head 2
+    index = operator.index(head)
+  except TypeError:
+    raise TypeError(f'head={head!r} has type {type(head).__name__}; expected '
+                    f'{expected}.') from None
+  if not 0 <= index < count:
+    raise ValueError(f'head={index} is out of range for {count} heads; '
+                     f'expected {expected}.')
+  if not branches:
+    return ()
+  return tuple(int(i) for i in np.unravel_index(index, branches))
 
 
 def loss_scale(rescale: str, heads: int) -> float:
   """Factor applied to the summed loss: `1/H` for the 'loss' ablation, else 1."""
   return 1.0 / heads if rescale == 'loss' else 1.0
+
+
+def _check_stages(stages: Sequence[StageFactory]) -> None:
+  if not tuple(stages):
+    raise ValueError(
+        f'stages={stages!r} is empty; a network needs at least one stage, '
+        "e.g. collab_jax.get_stages('cifar_resnet20', 10).")
+  for index, make_stage in enumerate(stages):
+    if not callable(make_stage):
+      raise TypeError(
+          f'stages[{index}]={make_stage!r} is not callable; expected a stage '
+          'factory: a linen Module class or a functools.partial of one.')
 
 
 def _run_stages(module, x):
@@ -137,8 +187,12 @@ class StageNetwork(nn.Module):
   """
   stages: Sequence[StageFactory]
 
+  def __post_init__(self):
+    _check_stages(self.stages)
+    super().__post_init__()
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for index, make_stage in enumerate(self.stages):
       x = make_stage(name=f'stage_{index}')(x, train=train)
     return x
@@ -210,7 +264,11 @@ class HeadTree(nn.Module):
   remat: bool = False
 
   def __post_init__(self):
-    validate_splits(self.splits, len(self.stages))
+    _check_stages(self.stages)
+    # Stored normalised (Python int pairs), so `tree.splits` is what
+    # `export_head` and `num_heads` want whatever form was passed.
+    object.__setattr__(self, 'splits',
+                       validate_splits(self.splits, len(self.stages)))
     if self.rescale not in RESCALE_MODES:
       raise ValueError(
           f'rescale={self.rescale!r} is not one of {RESCALE_MODES}.')
@@ -224,7 +282,8 @@ class HeadTree(nn.Module):
     return num_heads(self.splits)
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits `[H, B, C]` of every head for input `x` (`[B, ...]`)."""
     stages = tuple(self.stages)
     splits = validate_splits(self.splits, len(stages))
     bounds = [s for s, _ in splits] + [len(stages)]
@@ -250,19 +309,27 @@ class HeadTree(nn.Module):
     return x.reshape((-1,) + x.shape[len(splits):])
 
 
-def export_head(variables, splits, head: int = 0):
+def export_head(variables: Mapping[str, Any], splits: SplitsLike,
+                head: int = 0) -> dict[str, dict[str, Any]]:
   """Extracts head `head` (0-based) of a trained tree as target-network variables.
 
   Args:
-    variables: the tree's variables, e.g. `{'params': ..., 'batch_stats': ...}`.
-    splits: the tree's topology.
-    head: 0-based head index (head 1 = 0).
+    variables: the tree's variables, all collections: `{'params': ...,
+      'batch_stats': ...}` as `HeadTree.init` returns them.
+    splits: the tree's topology (`tree.splits`).
+    head: 0-based head index (head 1 = 0), an int.
 
   Returns:
     Variables for `StageNetwork(stages)` (`{'stage_0': ..., ...}` per
     collection) whose outputs equal the tree's head `head` on the same input.
+
+  Raises:
+    TypeError: `variables` is not a dict of collections, or `head` not an int.
+    ValueError: `variables` is empty, is one collection alone, is not a
+      `HeadTree`'s, or does not match `splits`; `head` is out of range.
   """
-  splits = tuple(tuple(s) for s in splits)
+  _check_variables(variables)
+  splits = _split_pairs(splits)
   path = head_path(head, splits)
   _check_variables_match(variables, splits)
   out = {}
@@ -276,6 +343,36 @@ def export_head(variables, splits, head: int = 0):
     if merged:  # a network without BatchNorm has no `batch_stats` at all
       out[collection] = merged
   return out
+
+
+def _check_variables(variables: Any) -> None:
+  """`variables` must be a non-empty dict of collections of a `HeadTree`."""
+  expected = ("the tree's variables, e.g. {'params': ..., 'batch_stats': ...} "
+              'as HeadTree.init returns them')
+  if not isinstance(variables, Mapping):
+    raise TypeError(f'variables has type {type(variables).__name__}; '
+                    f'expected {expected}.')
+  if not variables:
+    raise ValueError(f'variables={variables!r} is empty; expected {expected}.')
+  modules = sorted(k for k in variables
+                   if k == 'trunk' or str(k).startswith('level_'))
+  if modules:  # a common slip: `variables['params']` passed alone
+    raise ValueError(
+        f'variables has the keys {", ".join(modules)} of one collection; '
+        f"expected {expected}: pass {{'params': params}} (and the other "
+        'collections), not params alone.')
+  for collection, tree in variables.items():
+    if not isinstance(tree, Mapping):
+      raise TypeError(
+          f'variables[{collection!r}] has type {type(tree).__name__}; '
+          f'expected a dict of the tree\'s modules (trunk, level_1, ...).')
+    other = sorted(str(k) for k in tree
+                   if k != 'trunk' and not str(k).startswith('level_'))
+    if other:
+      raise ValueError(
+          f'variables[{collection!r}] has keys {", ".join(other)}, not those '
+          "of a HeadTree (trunk, level_1, ...); a StageNetwork's variables "
+          'need no export.')
 
 
 def _check_variables_match(variables, splits):

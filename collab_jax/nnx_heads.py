@@ -14,6 +14,9 @@ takes the same branch path as in the linen tree (`heads.head_path`). Each
 split passes the shared activation through `backprop_rescale(x, 1 / b)`.
 """
 
+from typing import Any, Callable, Sequence
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -21,14 +24,38 @@ from flax import nnx
 from collab_jax import heads as heads_lib
 from collab_jax import rescale as rescale_lib
 
+NnxStageFactory = Callable[[nnx.Rngs], Callable[[Any], Any]]
+RESCALE_MODES = ('backprop', 'none')
+
 
 class NnxHeadTree(nnx.Module):
-  """A tree of heads over NNX stage factories; returns logits `[H, B, C]`."""
+  """A tree of heads over NNX stage factories; returns logits `[H, B, C]`.
 
-  def __init__(self, stages, splits=(), *, rngs: nnx.Rngs, rescale='backprop'):
+  Args:
+    stages: the network as factories `make(rngs)`, in order; the last stage
+      returns logits `[B, C]`.
+    splits: the topology `((stage_index, branches), ...)`; `()` = one head.
+    rngs: the `nnx.Rngs` every stage is built with.
+    rescale: 'backprop' (gradient times 1/branches at each split, the
+      paper's) or 'none'. (The linen tree's 'loss' ablation divides the loss,
+      which is the training loop's business.)
+  """
+
+  def __init__(self, stages: Sequence[NnxStageFactory],
+               splits: heads_lib.SplitsLike = (), *, rngs: nnx.Rngs,
+               rescale: str = 'backprop'):
+    stages = tuple(stages)
+    if not stages:
+      raise ValueError(
+          'stages=() is empty; a network needs at least one stage factory '
+          '`make(rngs)`.')
+    for index, make in enumerate(stages):
+      if not callable(make):
+        raise TypeError(f'stages[{index}]={make!r} is not callable; expected '
+                        'a factory `make(rngs)` returning an NNX module.')
     splits = heads_lib.validate_splits(splits, len(stages))
-    if rescale not in ('backprop', 'none'):
-      raise ValueError(f"rescale={rescale!r} is not one of ('backprop', 'none').")
+    if rescale not in RESCALE_MODES:
+      raise ValueError(f'rescale={rescale!r} is not one of {RESCALE_MODES}.')
     self.splits, self.rescale = splits, rescale
     bounds = [s for s, _ in splits] + [len(stages)]
     self.trunk = nnx.List([make(rngs) for make in stages[:bounds[0]]])
@@ -44,7 +71,8 @@ class NnxHeadTree(nnx.Module):
   def num_heads(self) -> int:
     return heads_lib.num_heads(self.splits)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits `[H, B, C]` of every head for input `x` (`[B, ...]`)."""
     for stage in self.trunk:
       x = stage(x)
     xs = [x]
@@ -66,7 +94,8 @@ class NnxHeadTree(nnx.Module):
     The stages are this tree's own modules (shared, not copied); its
     `nnx.state` is therefore exactly the variables of
     `nnx.Sequential(*[make(rngs) for make in stages])`, and its outputs equal
-    the tree's head `head`.
+    the tree's head `head`. `head` is an int in [0, num_heads) (TypeError or
+    ValueError otherwise).
     """
     path = heads_lib.head_path(head, self.splits)
     branches = [b for _, b in self.splits]

@@ -231,3 +231,99 @@ def test_export_checks_that_splits_match_the_variables(built, given, match):
   with pytest.raises(ValueError, match=match):
     collab_jax.export_head(variables, given, 0)
   # (The right splits pass: test_export_reproduces_every_head.)
+
+
+# ----------------------------------------------------------------------------
+# Reliability (issue #26, items 17 and 18): bad trees, heads and exports.
+
+
+def test_empty_or_non_callable_stages_fail_at_construction():
+  """#26 item 18: HeadTree((), ()) was accepted (and returned its input)."""
+  with pytest.raises(ValueError, match=r"^stages=\(\) is empty; a network "
+                     r"needs at least one stage, e.g. collab_jax.get_stages"):
+    collab_jax.HeadTree((), ())
+  with pytest.raises(ValueError, match=r'^stages=\[\] is empty'):
+    collab_jax.StageNetwork([])
+  stages = models.get_stages('tiny_resnet', 10)
+  with pytest.raises(TypeError, match=r'^stages\[1\]=3 is not callable; '
+                     'expected a stage factory'):
+    collab_jax.HeadTree((stages[0], 3, stages[2]), ((1, 2),))
+
+
+def test_numpy_int_splits_are_normalised():
+  stages = models.get_stages('tiny_resnet', 10)
+  for splits in [((np.int64(1), np.int32(2)),), [[1, 2]], np.array([[1, 2]])]:
+    tree = collab_jax.HeadTree(stages, splits)
+    assert tree.splits == ((1, 2),)
+    assert all(type(v) is int for pair in tree.splits for v in pair)
+    assert type(collab_jax.num_heads(splits)) is int
+  assert collab_jax.num_heads(np.array([[1, 2], [2, 3]])) == 6
+  with pytest.raises(ValueError, match='sequence of'):
+    collab_jax.num_heads((1, 2))
+
+
+@pytest.mark.parametrize('head,error,match', [
+    (1.0, TypeError, r'^head=1.0 has type float; expected an int in \[0, 4\) '
+     r'\(0-based: head 1 is index 0\)\.$'),
+    (True, TypeError, r'^head=True has type bool'),
+    ('0', TypeError, r"^head='0' has type str"),
+    (4, ValueError, r'^head=4 is out of range for 4 heads; expected an int in '
+     r'\[0, 4\)'),
+    (-1, ValueError, r'^head=-1 is out of range'),
+], ids=['float', 'bool', 'str', 'too-large', 'negative'])
+def test_bad_head_index_is_named(head, error, match):
+  """#26 item 17: head=1.0 gave numpy's 'only int indices permitted'."""
+  splits = ((1, 2), (2, 2))
+  with pytest.raises(error, match=match):
+    heads_lib.head_path(head, splits)
+  variables = jax.eval_shape(lambda: _init(collab_jax.HeadTree(
+      models.get_stages('tiny_resnet', 10), splits)))
+  with pytest.raises(error, match=match):
+    collab_jax.export_head(variables, splits, head)
+
+
+def test_numpy_head_index_is_accepted():
+  assert heads_lib.head_path(np.int64(3), ((1, 2), (2, 2))) == (1, 1)
+  assert heads_lib.head_path(0, ()) == ()
+
+
+def _tree_variables(splits=((1, 2),)):
+  return jax.eval_shape(lambda: _init(collab_jax.HeadTree(
+      models.get_stages('tiny_resnet', 10), splits)))
+
+
+@pytest.mark.parametrize('variables,error,match', [
+    ({}, ValueError, r"^variables=\{\} is empty; expected the tree's "
+     r"variables, e.g. \{'params': \.\.\., 'batch_stats': \.\.\.\}"),
+    (lambda: _tree_variables()['params'], ValueError,
+     r'^variables has the keys level_1, trunk of one collection; expected '
+     r".*: pass \{'params': params\} \(and the other collections\), not "
+     r'params alone\.$'),
+    (lambda: jax.eval_shape(lambda: _init(collab_jax.StageNetwork(
+        models.get_stages('tiny_resnet', 10)))), ValueError,
+     r"^variables\['(params|batch_stats)'\] has keys stage_0, stage_1, "
+     r"stage_2, not those of a HeadTree \(trunk, level_1, \.\.\.\); a "
+     r"StageNetwork's variables need no export"),
+    ([1, 2], TypeError, r'^variables has type list'),
+    ({'params': np.zeros(3)}, TypeError,
+     r"^variables\['params'\] has type ndarray; expected a dict of the "
+     r"tree's modules"),
+], ids=['empty', 'params-alone', 'stage-network', 'list', 'array'])
+def test_bad_variables_are_named(variables, error, match):
+  """#26 item 18: export_head({}) returned {}; the others gave a confusing
+  message or an empty export."""
+  if callable(variables):
+    variables = variables()
+  with pytest.raises(error, match=match):
+    collab_jax.export_head(variables, ((1, 2),) if variables else ())
+
+
+@pytest.mark.parametrize('num_classes,error,match', [
+    (0, ValueError, r'^num_classes=0 must be >= 1\.$'),
+    (10.0, TypeError, r'^num_classes=10.0 has type float; expected an int'),
+    (True, TypeError, r'^num_classes=True has type bool'),
+])
+def test_bad_class_count_is_named(num_classes, error, match):
+  with pytest.raises(error, match=match):
+    models.get_stages('tiny_resnet', num_classes)
+  assert len(models.get_stages('tiny_resnet', np.int64(3))) == 3

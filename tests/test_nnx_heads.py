@@ -60,3 +60,20 @@ def test_shared_gradient_is_mean_of_heads():
                              rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match='out of range'):
     nnx_heads.NnxHeadTree(STAGES, ((3, 2),), rngs=nnx.Rngs(0))
+
+
+def test_bad_arguments_are_named():
+  with pytest.raises(ValueError, match=r'^stages=\(\) is empty'):
+    nnx_heads.NnxHeadTree((), (), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r'^stages\[0\]=None is not callable'):
+    nnx_heads.NnxHeadTree((None,), (), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"^rescale='loss' is not one of "
+                     r"\('backprop', 'none'\)"):
+    nnx_heads.NnxHeadTree(STAGES, ((1, 2),), rngs=nnx.Rngs(0), rescale='loss')
+  tree = nnx_heads.NnxHeadTree(STAGES, [[np.int64(1), 2]], rngs=nnx.Rngs(0))
+  assert tree.splits == ((1, 2),)
+  with pytest.raises(TypeError, match=r'^head=1.0 has type float; expected an '
+                     r'int in \[0, 2\)'):
+    tree.export_head(1.0)
+  with pytest.raises(ValueError, match=r'^head=2 is out of range for 2 heads'):
+    tree.export_head(2)

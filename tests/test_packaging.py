@@ -5,20 +5,25 @@ Builds the wheel, installs it into a fresh venv with jax, flax, optax and numpy
 that TensorFlow was neither installed nor imported.
 """
 
+import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import types
+import typing
 
 import pytest
 
+import collab_jax
 import test_readme
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = textwrap.dedent('''
-    import importlib.util, json, sys
+    import importlib.util, json, os, sys
     snippets = json.loads(sys.argv[1])
     for name, code in snippets.items():
       exec(compile(code, 'README:' + name, 'exec'), {})
@@ -30,15 +35,25 @@ CHECK = textwrap.dedent('''
         'tf_imported': sorted(m for m in sys.modules if m.split('.')[0] in
                               ('tensorflow', 'tensorflow_datasets', 'ml_collections')),
         'tf_installed': importlib.util.find_spec('tensorflow') is not None,
+        'all': sorted(collab_jax.__all__),
+        'py_typed': os.path.exists(os.path.join(
+            os.path.dirname(collab_jax.__file__), 'py.typed')),
     }))
 ''')
 
 
 @pytest.mark.slow
 def test_wheel_with_core_dependencies_only(tmp_path):
+  # Built from a copy: an in-tree build leaves build/lib behind, and a later
+  # wheel would ship modules that have since been moved or deleted.
+  src = tmp_path / 'src'
+  shutil.copytree(os.path.join(REPO, 'collab_jax'), src / 'collab_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), src / name)
   wheels = tmp_path / 'wheels'
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
-                  '-w', str(wheels), REPO], check=True, cwd=tmp_path)
+                  '-w', str(wheels), str(src)], check=True, cwd=tmp_path)
   (wheel,) = wheels.glob('collab_jax-*.whl')
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
@@ -59,3 +74,41 @@ def test_wheel_with_core_dependencies_only(tmp_path):
   assert len(report['api']) == 5, report
   assert report['tf_imported'] == [], report
   assert report['tf_installed'] is False, report
+  assert report['all'] == sorted(collab_jax.__all__), report
+  assert report['py_typed'] is True, report  # PEP 561: the hints ship
+
+
+def _untyped(fn):
+  """Names of `fn`'s parameters (and 'return') that carry no type hint."""
+  signature = inspect.signature(fn)
+  missing = [name for name, p in signature.parameters.items()
+             if name != 'self' and p.annotation is inspect.Parameter.empty]
+  if (fn.__name__ != '__init__'
+      and signature.return_annotation is inspect.Signature.empty):
+    missing.append('return')
+  typing.get_type_hints(fn)  # and the hints resolve
+  return missing
+
+
+def test_public_api_is_declared_typed_and_documented():
+  public = sorted(name for name, value in vars(collab_jax).items()
+                  if not name.startswith('_')
+                  and not isinstance(value, types.ModuleType))
+  assert sorted(collab_jax.__all__) == public
+  namespace = {}
+  exec('from collab_jax import *', namespace)  # pylint: disable=exec-used
+  assert set(namespace) - {'__builtins__'} == set(collab_jax.__all__)
+  for name in collab_jax.__all__:
+    value = getattr(collab_jax, name)
+    # The module docstring's list names every public symbol.
+    assert f'\n  {name} ' in collab_jax.__doc__, name
+    assert value.__doc__, name
+    if inspect.isfunction(value):
+      assert not _untyped(value), (name, _untyped(value))
+    else:  # the modules: their constructor and call
+      for method in ('__init__', '__call__', 'export_head'):
+        fn = vars(value).get(method)
+        if inspect.isfunction(fn):
+          assert not _untyped(fn), (name, method, _untyped(fn))
+  package = os.path.dirname(collab_jax.__file__)
+  assert os.path.exists(os.path.join(package, 'py.typed'))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import collab_jax
@@ -51,3 +52,38 @@ def test_sharded_input():
   g = jax.jit(jax.grad(lambda x: jnp.sum(collab_jax.backprop_rescale(x, 0.125) * x)))(x)
   np.testing.assert_allclose(g, 0.125 * x + x)
   assert g.sharding.is_equivalent_to(sharding, 2)
+
+
+def test_numpy_and_negative_scales():
+  x = jnp.array([1.0, -2.0])
+  f = lambda x, s: jnp.sum(collab_jax.backprop_rescale(x, s) * 3.0)
+  np.testing.assert_allclose(jax.grad(f)(x, np.float32(0.5)), [1.5, 1.5])
+  np.testing.assert_allclose(jax.grad(f)(x, np.array(2)), [6.0, 6.0])
+  # A negative factor reverses the gradient (a gradient-reversal layer).
+  np.testing.assert_allclose(jax.grad(f)(x, -1.0), [-3.0, -3.0])
+
+
+@pytest.mark.parametrize('scale,error,match', [
+    ('0.5', TypeError, r"^scale='0.5' has type str; expected a finite number, "
+     r'e.g. 1 / num_branches\.$'),
+    (None, TypeError, r'^scale=None has type NoneType'),
+    (True, TypeError, r'^scale=True is a bool'),
+    (jnp.ones(3), ValueError, r'^scale has shape \(3,\); backprop_rescale '
+     r'needs a scalar \(the same factor for every element\)'),
+    (float('nan'), ValueError, r'^scale=nan would make every gradient through '
+     r'x non-finite; expected a finite number'),
+    (np.float32('inf'), ValueError, r'^scale=inf would make every gradient'),
+    (jnp.array(-jnp.inf), ValueError, r'^scale=-inf would make every gradient'),
+], ids=['str', 'None', 'bool', 'vector', 'nan', 'numpy-inf', 'jax-inf'])
+def test_bad_scale_is_named(scale, error, match):
+  """#26: a string was read as a number and NaN or inf went through."""
+  with pytest.raises(error, match=match):
+    collab_jax.backprop_rescale(jnp.ones(2), scale)
+
+
+def test_traced_scale_shape_is_checked_and_value_passes():
+  with pytest.raises(ValueError, match=r'^scale has shape \(2,\)'):
+    jax.jit(collab_jax.backprop_rescale)(jnp.ones(2), jnp.ones(2))
+  # A traced non-finite value cannot be seen: used as given.
+  g = jax.grad(lambda x, s: jnp.sum(collab_jax.backprop_rescale(x, s)))
+  assert np.isnan(jax.jit(g)(jnp.ones(2), jnp.nan)).all()

@@ -6,8 +6,12 @@ returns its stages and listing it in `NETWORKS`; nothing else changes.
 """
 
 import functools
+import operator
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from collab_jax import paper
 from collab_jax.models.cifar_resnet import cifar_resnet
@@ -34,20 +38,40 @@ NETWORKS = {
 }
 
 
-def paper_splits(name: str, graph: str):
-  """The split topology of training graph `graph` on network `name` (by its stage count)."""
+def paper_splits(name: str, graph: str) -> tuple[tuple[int, int], ...]:
+  """The split topology of training graph `graph` on network `name`.
+
+  The paper's split points depend only on the network's stage count, e.g.
+  `paper_splits('cifar_resnet32', 'h4_hierarchical')`.
+  """
   return paper.splits(graph, len(get_stages(name, 1)))
 
 
-def get_stages(name: str, num_classes: int, *, dtype=jnp.float32, **kwargs):
+def get_stages(name: str, num_classes: int, *, dtype: Any = jnp.float32,
+               **kwargs: Any) -> tuple[Callable[..., nn.Module], ...]:
   """Stage factories of network `name` with `num_classes` outputs.
 
   Args:
     name: one of `NETWORKS`.
-    num_classes: classifier size.
-    dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16.
+    num_classes: classifier size, an int >= 1.
+    dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16
+      or 'bfloat16'.
     **kwargs: network hyper-parameters, e.g. `width` for the ResNets.
+
+  Returns:
+    The stage factories, for `HeadTree(stages, splits)` or
+    `StageNetwork(stages)`; the last stage returns logits `[B, num_classes]`.
   """
+  try:
+    if isinstance(num_classes, (bool, np.bool_)):
+      raise TypeError  # True would silently mean one class
+    operator.index(num_classes)  # ints and numpy ints, not 10.0 or '10'
+  except TypeError:
+    raise TypeError(f'num_classes={num_classes!r} has type '
+                    f'{type(num_classes).__name__}; expected an int >= 1.'
+                    ) from None
+  if num_classes < 1:
+    raise ValueError(f'num_classes={num_classes} must be >= 1.')
   if name not in NETWORKS:
     raise ValueError(
         f'name={name!r} is an unknown network; choose one of: '
