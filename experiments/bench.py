@@ -43,7 +43,10 @@ from collab_jax.data import augment
 from collab_jax.data import imagenet
 from collab_jax.data import label_noise
 from collab_jax.data import order
+from collab_jax.data import streams
 from collab_jax.trainer import logging_utils
+from collab_jax.trainer import methods
+from collab_jax.trainer import parallel
 from collab_jax.trainer import recipes
 from collab_jax.trainer import steps
 
@@ -142,22 +145,26 @@ class Step:
     if remat:
       model = model.clone(remat=True)
     self.model = model
+    method = methods.create(config, model.num_heads)
     lr_fn = steps.create_learning_rate_fn(config, per_epoch)
-    tx = steps.create_optimizer(config, lr_fn)
-    mesh = Mesh(np.array(devices), ('data',))
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P('data'))
+    tx = steps.create_optimizer(config, lr_fn, method)
+    placement = parallel.data_parallel(devices)
     if like is None:
-      state = steps.create_train_state(jax.random.key(config.seed), config,
-                                       model, image_shape, tx)
+      state = steps.create_train_state(streams.init_key(config.seed), model,
+                                       image_shape, tx, method.init_opt_state)
     else:  # same variables and optimizer: copy `like`'s state, skip init
       state = jax.tree.map(jnp.copy, like.state)
-    self.state = jax.device_put(state, replicated)
+    self.state = jax.device_put(state, placement.replicated)
     batch = _synthetic_batch(config, image_shape, num_classes, dtype)
-    self.batch = jax.device_put(batch, data_sharding)
+    self.batch = jax.device_put(batch, placement.batch)
+    preprocess = augment.Preprocess(
+        tuple(stats['mean']), tuple(stats['std']), augment=config.augment,
+        pad=config.augment_pad, flip=config.augment_flip)
     jit_train = steps.make_train_step(
-        config, mesh, model=model, tx=tx, data_stats=stats,
-        steps_per_epoch=per_epoch, compiler_options=compiler_options)
+        placement, model=model, tx=tx, method=method, preprocess=preprocess,
+        seed=config.seed,
+        unlabeled_weight_fn=methods.unlabeled_weight_fn(config, per_epoch),
+        compiler_options=compiler_options)
     start = time.perf_counter()
     self.compiled = jit_train.lower(self.state, self.batch, {}).compile()
     self.compile_s = time.perf_counter() - start

@@ -138,9 +138,9 @@ def test_train_indices_epochs_are_permutations():
   assert per_epoch == 6
   epochs = [np.concatenate([order.train_indices(e * 6 + i, **kw)
                             for i in range(per_epoch)]) for e in range(3)]
-  for order in epochs:
-    assert order.dtype == np.int64 and len(set(order)) == 48  # 2 dropped.
-    assert set(order) <= set(range(50))
+  for epoch in epochs:
+    assert epoch.dtype == np.int64 and len(set(epoch)) == 48  # 2 dropped.
+    assert set(epoch) <= set(range(50))
   assert not np.array_equal(epochs[0], epochs[1])
   np.testing.assert_array_equal(
       epochs[1][:8], streams.rng('order', 3, 1).permutation(50)[:8])

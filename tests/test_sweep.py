@@ -100,7 +100,9 @@ def test_identical_runs_are_shared_between_sweeps():
   extra = ('--config.learning_rate=0.4',)
   with_extra = sweep.run_dirs(sweep.SWEEPS['fmnist_table2'], 'R', extra=extra)
   assert with_extra[0][3] == 'R/fmnist_table1__learning_rate_0_4/single_instance/seed_0'
-  assert with_extra[5][3] == 'R/fmnist_table2__learning_rate_0_4/alternating_dml_t_1/seed_2'
+  assert with_extra[7][3] == 'R/fmnist_table2__learning_rate_0_4/alternating_dml_t_1/seed_2'
+  # Seeds beyond an earlier sweep's count are this sweep's own runs.
+  assert table2['single instance', 4] == 'R/fmnist_table2/single_instance/seed_4'
 
 
 def test_overridden_sweep_writes_its_own_tables(tmp_path):
