@@ -61,7 +61,7 @@ def build(config: ml_collections.ConfigDict) -> Components:
   method = methods.create(config, model.num_heads)
   if config.labeled_per_class and not method.semi_supervised:
     raise errors.ConfigError(
-        f'config.method: {config.method!r} does not take unlabelled examples; '
+        f'config.method: {method.name!r} does not take unlabelled examples; '
         'with labeled_per_class > 0 use one of '
         f'{", ".join(n for n, m in methods.REGISTRY.items() if m.semi_supervised)}.')
   lr_fn = steps.create_learning_rate_fn(config, data.steps_per_epoch)
@@ -199,7 +199,7 @@ def _train(config, workdir, built, config_changes):
     logging_utils.write_json_atomic(os.path.join(workdir, 'run_info.json'), run_info)
   logging_utils.console(
       f'collab_jax: {config.model.name} splits={tuple(config.model.splits)} '
-      f'({model.num_heads} heads), method={config.method}, '
+      f'({model.num_heads} heads), method={method.name}, '
       f'{jax.device_count()} {run_info["platform"]} device(s) in '
       f'{jax.process_count()} process(es), global batch {config.batch_size}, '
       f'{num_steps} steps ({per_epoch}/epoch), start at step {start_step}')
