@@ -42,8 +42,10 @@ run: install data
 	$(PY) -m collab_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) \
 	  --config.data_dir=$(FMNIST_DIR)
 
+# One pytest worker per core (pytest-xdist): the suite is mostly single-
+# threaded XLA compilation of tiny programs.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # The PyTorch peer runs in its own Python 3.11 venv (torch's CPU wheel exists
 # for 3.11 here; on newer Pythons pip would fetch a CUDA build of several GB);
