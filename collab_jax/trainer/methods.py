@@ -38,10 +38,18 @@ REGISTRY: Dict[str, type] = {}
 
 
 def register(name):
-  """Class decorator: makes a `Method` subclass the method `name`."""
+  """Class decorator: makes a `Method` subclass the method `name`.
+
+  A config file may define and register its own method (README, "Adding a
+  method"); loading that file again (a sweep reads configs in-process)
+  registers the same definition again, which replaces the first. Another
+  class under a name already taken is refused.
+  """
   def add(cls):
-    if name in REGISTRY:
-      raise ValueError(f'method {name!r} is registered already.')
+    old = REGISTRY.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+      raise ValueError(f'method {name!r} is registered already (by '
+                       f'{old.__module__}.{old.__qualname__}).')
     cls.name = name
     REGISTRY[name] = cls
     return cls
