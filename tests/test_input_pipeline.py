@@ -1,4 +1,7 @@
-"""Tests of the data package: in-memory datasets, order, label noise, augmentation, ImageNet (CPU)."""
+"""Tests of the data package: in-memory datasets, order, label noise, augmentation (CPU).
+
+ImageNet's tests are in test_imagenet.py.
+"""
 
 import gzip
 import os
@@ -16,7 +19,6 @@ except RuntimeError:
 from collab_jax import errors  # pylint: disable=g-import-not-at-top
 from collab_jax.data import augment  # pylint: disable=g-import-not-at-top
 from collab_jax.data import idx  # pylint: disable=g-import-not-at-top
-from collab_jax.data import imagenet  # pylint: disable=g-import-not-at-top
 from collab_jax.data import in_memory  # pylint: disable=g-import-not-at-top
 from collab_jax.data import label_noise  # pylint: disable=g-import-not-at-top
 from collab_jax.data import order  # pylint: disable=g-import-not-at-top
@@ -325,18 +327,6 @@ def test_eval_batches_pad_last():
 # tfds paths (mocked: nothing is downloaded).
 
 
-def _imagenet(split, **kwargs):
-  kw = dict(global_batch=4, process_index=0, process_count=1, seed=0,
-            image_size=16)
-  kw.update(kwargs)
-  return _lazy(lambda: imagenet.imagenet_iterator(split, **kw))
-
-
-def _lazy(make):
-  """A generator that builds its iterator only when first advanced."""
-  yield from make()
-
-
 def test_load_cifar10_mocked():
   with tfds.testing.mock_data(num_examples=24):
     ds = in_memory.load_dataset('cifar10', train_subset=12)
@@ -354,39 +344,6 @@ def test_tfds_not_prepared(tmp_path):
                       data_dir=str(tmp_path))
   assert str(tmp_path) in msg and '--datasets=cifar10' in msg
   assert '--config.data_dir' in msg
-  msg = _assert_error('tfds dataset imagenet2012 not found', next,
-                      _imagenet('train', data_dir=str(tmp_path)))
-  assert 'downloads/manual' in msg
-
-
-def test_imagenet_train_mocked():
-  with tfds.testing.mock_data(num_examples=10):
-    first = [b for _, b in zip(range(5), _imagenet('train'))]
-    again = [b for _, b in zip(range(5), _imagenet('train'))]
-    resumed = [b for _, b in zip(range(2), _imagenet('train', start_step=3))]
-    other = next(_imagenet('train', seed=1))
-  batch = first[0]
-  assert batch['image'].shape == (4, 16, 16, 3)
-  assert batch['image'].dtype == np.float32
-  assert batch['label'].dtype == np.int32 and batch['label'].shape == (4,)
-  assert -3 < batch['image'].min() < batch['image'].max() < 3  # Normalised.
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a['image'], b['image'])
-  for a, b in zip(first[3:], resumed):  # Resume = skipping batches.
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  assert not np.array_equal(other['image'], batch['image'])
-
-
-def test_imagenet_eval_mocked_padded():
-  with tfds.testing.mock_data(num_examples=10):
-    batches = list(_imagenet('validation', global_batch=8, process_index=1,
-                             process_count=2))
-  # Each process's (mocked) share holds 10 examples: 3 batches of 4.
-  assert [b['image'].shape for b in batches] == [(4, 16, 16, 3)] * 3
-  np.testing.assert_array_equal(
-      np.concatenate([b['mask'] for b in batches]), [1] * 10 + [0] * 2)
-  np.testing.assert_array_equal(batches[-1]['image'][2:], 0)
 
 
 # ---------------------------------------------------------------------------

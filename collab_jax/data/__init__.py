@@ -5,7 +5,10 @@
   in_memory.py     small image datasets held in host memory (`load_dataset`)
   idx.py           Fashion-MNIST's original IDX files (the offline default)
   tfds_io.py       TensorFlow and tfds, imported only where they are used
-  imagenet.py      ImageNet streamed from tfds with tf.data
+  imagenet.py      ImageNet read by index from tfds ArrayRecord files (grain)
+  prepare_imagenet.py  the ILSVRC2012 tars (or a TFRecord preparation) to
+                   the ArrayRecord data dir that imagenet.py reads
+  fake_imagenet.py a tiny pair of ILSVRC2012 tars for tests and smoke runs
   order.py         which examples each step trains on, and each process's share
   subset.py        fixed class-balanced training subsets
   labeled_split.py the labelled / unlabelled split of semi-supervised runs

@@ -12,8 +12,10 @@ class Preprocess:
   """uint8 images -> augmented (train) and normalised float images.
 
   Built once per run by the data source (its statistics, the config's
-  augmentation settings); the steps call it. Streamed data arrives
-  preprocessed as float and passes through.
+  augmentation settings); the steps call it. Images cross to the device as
+  uint8 (a quarter of float32's bytes) and are normalised here; ImageNet's
+  arrive already cropped on the host (its configs set `augment=False`).
+  Float images are taken as normalised by the caller and pass through.
   """
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
@@ -22,7 +24,7 @@ class Preprocess:
   flip: bool = True
 
   def __call__(self, rng, images, train):
-    if images.dtype != jnp.uint8:  # streamed data arrives preprocessed
+    if images.dtype != jnp.uint8:  # normalised by the caller
       return images.astype(jnp.float32)
     if train and self.augment:
       images = augment(rng, images, pad=self.pad, flip=self.flip)

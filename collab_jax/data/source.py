@@ -69,7 +69,7 @@ def _stream(config):
           'in-memory dataset.')
   p_idx, p_cnt = jax.process_index(), jax.process_count()
   data_dir = config.data_dir or None
-  num_train = imagenet.num_examples(config.dataset, 'train', data_dir)
+  num_train = imagenet.num_examples('train', data_dir)
   with errors.config_keys('batch_size', global_batch='batch_size'):
     per_epoch = order.steps_per_epoch(num_train, config.batch_size)
 

@@ -57,11 +57,26 @@ def not_prepared_message(name, builder):
     return (
         f'tfds dataset {name} not found in {where}: put '
         f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-        f'{where}/downloads/manual, run '
-        f'`tfds build {name} --data_dir={where}` and pass --config.data_dir.')
+        f'{where}/downloads/manual, run `{prepare_imagenet_command(where)}` '
+        f'and pass --config.data_dir={where}.')
   return (
       f'tfds dataset {name} not found in {where}: download it on a machine '
       'with internet with `python -m '
       'tensorflow_datasets.scripts.download_and_prepare '
       f'--datasets={name}` (or `tfds build {name}`) and pass '
       '--config.data_dir.')
+
+
+def prepare_imagenet_command(data_dir):
+  """The command that makes `data_dir` hold imagenet2012 as the loader reads it."""
+  return f'python -m collab_jax.data.prepare_imagenet --data_dir={data_dir}'
+
+
+def not_random_access_message(builder):
+  """One-line fix for a dataset prepared only as TFRecord (no random access)."""
+  return (
+      f'tfds dataset {builder.name} in {builder.data_dir} is prepared as '
+      f'{builder.info.file_format.value} only; the loader reads ArrayRecord '
+      'files by index (resuming without reading past records): run '
+      f'`{prepare_imagenet_command(builder.data_dir_root)}`, which writes '
+      'them beside the existing files.')
