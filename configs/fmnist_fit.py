@@ -11,7 +11,10 @@ Sweep: python experiments/sweep.py --sweep=fmnist_fit (experiments/README.md).
 Cost on one core of a 2-core machine: see the sweep's table (run time).
 """
 
+from collab_jax import paper
 from collab_jax.trainer import recipes
+
+ARGUMENTS = tuple(paper.GRAPHS)  # every argument (tests/test_configs.py builds each)
 
 
 def get_config(graph='single'):

@@ -10,7 +10,10 @@ training graph:
 Sweep: python experiments/sweep.py --sweep=fmnist_scale
 """
 
+from collab_jax import paper
 from collab_jax.trainer import recipes
+
+ARGUMENTS = tuple(paper.GRAPHS)  # every argument (tests/test_configs.py builds each)
 
 
 def get_config(graph='h4_hierarchical'):

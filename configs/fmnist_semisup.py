@@ -15,6 +15,8 @@ sweep fmnist_semisup, has the measured step times).
 
 from collab_jax.trainer import recipes
 
+ARGUMENTS = recipes.SEMISUP_ROWS  # every argument (tests/test_configs.py builds each)
+
 
 def get_config(row='semisup_h4_hierarchical'):
   return recipes.fashion_mnist_semisup(row)

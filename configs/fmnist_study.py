@@ -12,7 +12,10 @@ h2_simple. Expected runtime on 2 CPU cores: see experiments/README.md (wall
 time of each sweep).
 """
 
+from collab_jax import paper
 from collab_jax.trainer import recipes
+
+ARGUMENTS = tuple(paper.GRAPHS)  # every argument (tests/test_configs.py builds each)
 
 
 def get_config(graph='h4_hierarchical'):

@@ -13,9 +13,10 @@ go to `experiments/results/<sweep>.md` and `.json`.
   python experiments/sweep.py --sweep=fmnist_table1 --aggregate_only
   python experiments/sweep.py --list
 
-The paper's own sweeps (`cifar10_table1_resnet32`, ...: a row per config of
-experiments/make_configs.py, with the paper's number from collab_jax/paper.py)
-are defined here too; run them on accelerators with the same command.
+The paper's own sweeps (`cifar10_table1_resnet32`, ...: a row per argument of
+the config families configs/cifar10.py, cifar100.py, imagenet.py, with the
+paper's number from collab_jax/paper.py) are defined here too; run them on
+accelerators with the same command.
 """
 
 import argparse
@@ -41,7 +42,6 @@ RESULTS = os.path.join(HERE, 'results')
 # here with the same checkout's collab_jax, whatever else is installed.
 sys.path.insert(0, ROOT)
 from collab_jax import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
-import make_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,26 +212,38 @@ _add(Sweep('fmnist_semisup', 'Semi-supervised: 100 labels per class, 59k unlabel
 
 
 # ---------------------------------------------------------------------------
-# The paper's own sweeps (accelerators).
+# The paper's own sweeps (accelerators): a row per argument of a config family.
 
-def _paper_sweep(name, title, configs, **kwargs):
-  _add(Sweep(name, title, tuple(
-      Row(c.label, f'configs/{c.name}.py', paper=c.paper_text) for c in configs),
-             **kwargs))
+@functools.lru_cache(maxsize=None)
+def _family(path):
+  """The module of config family `path` (configs/<name>.py)."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.basename(path)[:-3], os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
-_CONFIGS = make_configs.CONFIGS
-for _column, (_, _net) in make_configs.TABLE1_NETWORKS.items():
+def _paper_sweep(name, title, path, arguments, **kwargs):
+  """A row per argument of family `path` that the paper reports, with its number."""
+  rows = []
+  for arg in arguments:
+    label, text = _family(path).paper_row(arg)
+    if text:
+      rows.append(Row(label, f'{path}:{arg}', paper=text))
+  _add(Sweep(name, title, tuple(rows), **kwargs))
+
+
+for _net, (_, _column) in _family('configs/cifar10.py').NETWORKS.items():
   _paper_sweep(f'cifar10_table1_{_net}', f'Table 1, CIFAR-10 {_column}',
-               [c for c in _CONFIGS if c.table is _T1 and c.columns == (_column,)],
-               seeds=5)
-_paper_sweep('cifar100_table2', 'Table 2, CIFAR-100 ResNet-32',
-             [c for c in _CONFIGS if c.table is _T2], seeds=5, show_heads=True)
+               'configs/cifar10.py', [f'{_net},{row}' for row in _T1.rows], seeds=5)
+_paper_sweep('cifar100_table2', 'Table 2, CIFAR-100 ResNet-32', 'configs/cifar100.py',
+             _family('configs/cifar100.py').ARGUMENTS, seeds=5, show_heads=True)
 _paper_sweep('cifar10_table3', 'Table 3, CIFAR-10 ResNet-32, 4 heads simple',
-             [c for c in _CONFIGS if c.table is _T3], seeds=5)
-_paper_sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50',
-             [c for c in _CONFIGS if c.table is paper.TABLE4], seeds=1,
-             show_top5=True)
+             'configs/cifar10.py',
+             [f'resnet32,{row}' for row in _family('configs/cifar10.py').TABLE3], seeds=5)
+_paper_sweep('imagenet_table4', 'Table 4, ImageNet ResNet-50', 'configs/imagenet.py',
+             paper.TABLE4.rows, seeds=1, show_top5=True)
 
 
 # ---------------------------------------------------------------------------
