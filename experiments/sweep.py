@@ -523,14 +523,14 @@ def save_records(out_dir, records, run_ids):
     return write_files(out_dir, records_files(records, {_owner(i) for i in run_ids}))
 
 
-def _flat(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = json.loads(json.dumps(value, default=str))
-  return out
+def _differences(recorded, expected, prefix=''):
+  """(dotted key, recorded, expected) where both configs have a key and differ."""
+  for key in sorted(recorded.keys() & expected.keys()):
+    old, new = recorded[key], expected[key]
+    if isinstance(old, dict) and isinstance(new, dict):
+      yield from _differences(old, new, f'{prefix}{key}.')
+    elif json.dumps(old, default=str) != json.dumps(new, default=str):
+      yield prefix + key, old, new
 
 
 def check_record(record, row, noise, seed):
@@ -538,15 +538,13 @@ def check_record(record, row, noise, seed):
 
   Runs recorded before a key existed lack it and are compared on the rest.
   """
-  recorded = _flat(record['config'])
-  expected = _flat(resolved_config(row, noise, seed))
-  differ = sorted(k for k in recorded.keys() & expected.keys()
-                  if k != 'progress' and recorded[k] != expected[k])
+  differ = [d for d in _differences(record['config'], resolved_config(row, noise, seed))
+            if d[0] != 'progress']
   if differ:
     raise SweepError(
         f'run {record["id"]} was made by another config than row {row.name!r} '
-        f'({row.config}): ' + ', '.join(
-            f'{k}: {recorded[k]!r} != {expected[k]!r}' for k in differ[:3]))
+        f'({row.config}): ' + ', '.join(f'{k}: {old!r} != {new!r}'
+                                        for k, old, new in differ[:3]))
 
 
 def ingest(sweep, root, records, extra=()):
