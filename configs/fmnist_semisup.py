@@ -1,4 +1,4 @@
-"""Semi-supervised collaborative learning on Fashion-MNIST (issue #17; paper's future work).
+"""Semi-supervised collaborative learning on Fashion-MNIST (the paper's future work).
 
 100 labelled images per class (the fixed 1,000-image subset of the Fashion-MNIST
 study), the other 59,000 training images unlabelled; ResNet-8 width 16, no
@@ -14,6 +14,8 @@ sweep fmnist_semisup, has the measured step times).
 """
 
 from collab_jax.trainer import recipes
+
+ARGUMENTS = recipes.SEMISUP_ROWS  # every argument (tests/test_configs.py builds each)
 
 
 def get_config(row='semisup_h4_hierarchical'):

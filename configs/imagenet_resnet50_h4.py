@@ -1,13 +1,7 @@
-"""ImageNet ResNet-50, 4 heads, hierarchical ILR sharing: paper Table 4,
-columns "top-1 error" / "top-5 error".
-Paper: 22.29 / 6.21 % validation error.
-Needs the prepared tfds `imagenet2012` (manual download; pass
---config.data_dir).
+"""ImageNet ResNet-50, 4 heads hierarchical (Table 4): an alias of
+configs/imagenet.py:h4_hierarchical, whose docstring has the paper's numbers and the cost.
 
   python -m collab_jax.main --config=configs/imagenet_resnet50_h4.py --workdir=runs/imagenet_resnet50_h4
-
-Cost: 90 epochs x 1.28M = 115M images through the training graph; on 2 CPU
-cores this is out of reach; see experiments/results/bench.md.
 """
 
 from collab_jax.trainer import recipes

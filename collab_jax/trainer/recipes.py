@@ -195,7 +195,7 @@ def fashion_mnist_study(graph):
 
 
 def fashion_mnist_scale(graph):
-  """Clean labels at a scale where a regulariser can show (experiments/README.md).
+  """Clean labels at a larger scale than the study's (experiments/README.md).
 
   The study's recipe made larger along every axis the pilot could afford on
   2 CPU cores: a CIFAR-style ResNet-14 (width 16) on a fixed, class-balanced
