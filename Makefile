@@ -11,7 +11,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 
-.PHONY: install run test bench bench-device data clean
+.PHONY: install run test bench bench-device data clean onednn
 
 install: $(VENV)/.installed
 
@@ -60,10 +60,32 @@ $(TORCH_VENV)/.installed:
 	$(TORCH_VENV)/bin/python -m pip install -q torch==2.13.0 numpy
 	touch $@
 
+# Opt-in: convolutions on CPU through oneDNN (collab_jax/models/onednn_conv.py),
+# a jax.ffi extension compiled from csrc/onednn_conv.cc against the `onednn`
+# extra (oneDNN 3.2's OpenMP build from PyPI, into the venv). No root needed,
+# except to apt-get a missing g++. Nothing uses it unless asked
+# (bench.py's "oneDNN convolutions (jax.ffi)" rows); tests skip without it.
+ONEDNN_SO := collab_jax/models/_onednn_conv.so
+onednn: $(ONEDNN_SO)
+
+$(VENV)/.installed-onednn: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[train,test,onednn]'
+	touch $@
+
+$(ONEDNN_SO): csrc/onednn_conv.cc $(VENV)/.installed-onednn
+	@command -v g++ >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q >/dev/null && apt-get install -y -q g++ >/dev/null; \
+	  else echo "make onednn needs g++ (e.g. sudo apt-get install g++)"; exit 1; fi; }
+	prefix=$$(cd $(VENV) && pwd); \
+	g++ -O2 -std=c++17 -shared -fPIC -fopenmp -Wno-attributes \
+	  -I$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())') \
+	  -I$$prefix/include $< -o $@ -L$$prefix/lib -ldnnl -Wl,-rpath,$$prefix/lib
+	$(PY) -c 'from collab_jax.models import onednn_conv as o; assert o.available(); print("oneDNN", o.version(), o.implementation("bwd_w", (128, 32, 32, 16), (3, 3, 16, 16)))'
+
 # The accelerator check (under 6 minutes on one H100): writes
 # experiments/results/bench_<device>.md and .json.
 bench-device: install
 	$(PY) experiments/bench.py --device --out=experiments/results
 
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TORCH_VENV) runs .pytest_cache $(ONEDNN_SO)

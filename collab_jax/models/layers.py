@@ -1,5 +1,7 @@
 """Building blocks shared by the stage-list networks."""
 
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
@@ -17,11 +19,32 @@ def batch_norm(train, dtype, scale_init=nn.initializers.ones, name=None):
                       scale_init=scale_init, name=name)
 
 
+# What `conv` layers call instead of `lax.conv_general_dilated` (None: lax's).
+_CONV_GENERAL_DILATED = contextvars.ContextVar('conv_general_dilated',
+                                               default=None)
+
+
+@contextlib.contextmanager
+def conv_implementation(conv_general_dilated):
+  """`conv` layers built (traced) inside this call `conv_general_dilated`.
+
+  A drop-in for `lax.conv_general_dilated`, e.g.
+  `onednn_conv.conv_general_dilated` (CPU only). Parameters and their names
+  do not change. Used by experiments/bench.py; the trainer does not use it.
+  """
+  token = _CONV_GENERAL_DILATED.set(conv_general_dilated)
+  try:
+    yield
+  finally:
+    _CONV_GENERAL_DILATED.reset(token)
+
+
 def conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
   padding = [(kernel // 2, kernel // 2)] * 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=padding, use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=_CONV_GENERAL_DILATED.get())
 
 
 def classifier(x, num_classes, dtype):
