@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -44,11 +45,15 @@ from collab_jax.data import imagenet
 from collab_jax.data import label_noise
 from collab_jax.data import order
 from collab_jax.data import streams
+from collab_jax.models import layers
+from collab_jax.models import onednn_conv
 from collab_jax.trainer import logging_utils
 from collab_jax.trainer import methods
 from collab_jax.trainer import parallel
 from collab_jax.trainer import recipes
 from collab_jax.trainer import steps
+
+import op_profile  # experiments/op_profile.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -78,6 +83,15 @@ def imagenet_config(graph, batch, size, network='resnet50'):
   """The ImageNet recipe of `graph` at a small batch and resolution."""
   c = recipes.imagenet(graph, batch_size=batch, image_size=size)
   c.model.name = network
+  return c
+
+
+def make_run_config(batch=128, network=None):
+  """`make run`'s training (configs/default.py: Fashion-MNIST ResNet-8 tree)."""
+  c = recipes.base_config()
+  c.batch_size = batch
+  if network:
+    c.model.name = network
   return c
 
 
@@ -369,13 +383,16 @@ def torch_python(path=None):
 
 
 def torch_script(python, graphs, *, batch, formats, threads, steps, warmup,
-                 depth=32, log=print):
-  """Runs experiments/torch_reference.py in `python`; returns its rows."""
+                 depth=32, profile=0, log=print):
+  """Runs experiments/torch_reference.py in `python`; returns its rows.
+
+  `profile`: also profile that many steps by op class.
+  """
   cmd = [python, TORCH_SCRIPT, '--graphs', ','.join(graphs),
          '--formats', ','.join(formats),
          '--threads', ','.join(str(t) for t in threads), '--batch', str(batch),
          '--steps', str(steps), '--warmup', str(warmup), '--depth', str(depth),
-         '--json', '-']
+         '--profile', str(profile), '--json', '-']
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('XLA_', 'JAX_', 'PYTHONPATH'))}
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -518,7 +535,12 @@ OPTION_VARIANTS = {
     'oneDNN custom calls': {'extra_options': {
         'xla_cpu_use_onednn': True,
         'xla_cpu_experimental_onednn_custom_call': True}},
+    # oneDNN's convolution primitives called through jax.ffi
+    # (collab_jax/models/onednn_conv.py; built by `make onednn`).
+    'oneDNN convolutions (jax.ffi)': {'conv': 'onednn'},
 }
+ONEDNN_FFI = 'oneDNN convolutions (jax.ffi)'
+MAKE_RUN = 'make run: ResNet-8 4-head tree'  # configs/default.py
 
 
 def option_step(base_step, name, log=print):
@@ -539,10 +561,17 @@ def option_step(base_step, name, log=print):
   compiler_options = opts.get('compiler_options')
   if compiler_options == 'cpu':
     compiler_options = models.compiler_options('cpu')
+  conv = None
+  if opts.get('conv') == 'onednn':
+    if not onednn_conv.available():
+      log(f'  option {name}: not built (make onednn)')
+      return name, None
+    conv = onednn_conv.conv_general_dilated
   try:
-    step = Step(config, devices=devices, remat=opts.get('remat', False),
-                compiler_options=compiler_options,
-                extra_options=opts.get('extra_options'), like=base_step)
+    with layers.conv_implementation(conv):
+      step = Step(config, devices=devices, remat=opts.get('remat', False),
+                  compiler_options=compiler_options,
+                  extra_options=opts.get('extra_options'), like=base_step)
   except Exception as e:  # pylint: disable=broad-except
     # An XLA option this jaxlib does not know: record it, go on.
     log(f'  option {name}: not compiled ({type(e).__name__}: '
@@ -604,70 +633,46 @@ def run_options(kept, variants, timing, back_to_back_steps, rounds=3,
           f'x{row.get("memory_vs_baseline", float("nan")):.2f} memory, '
           f'{row["cpu_per_wall"]:.2f} cores busy  load {load:.2f}')
     for name in failed:
-      rows.append({'graph': graph, 'variant': name, 'failed': True})
+      rows.append({'graph': graph, 'variant': name, 'failed': True,
+                   'reason': ('not built (make onednn)'
+                              if OPTION_VARIANTS.get(name, {}).get('conv')
+                              else 'not compiled by this jaxlib (see the log)')})
     del steps
   return rows, kept_out
 
 
-def profile_step(step, out_dir, steps=2, log=print):
-  """Traces `steps` steps (jax.profiler) and summarises XLA:CPU's threads.
+def run_profile(steps, trace_dir, torch=None, trace_steps=3, log=print):
+  """Where each step's time goes, by op class (experiments/op_profile.py).
 
-  Returns {'threads_busy_s': {k: seconds with k intra-op threads inside an
-  op}, 'ops': [[name, s/step, calls/step], ...]} from the trace's
-  `tf_XLAEigen` lines (op names without their numeric suffix, classified
-  forward/backward from the HLO metadata where the compiled text has it).
+  `steps`: {name: compiled Step}, each traced for `trace_steps` steps;
+  `torch`: kwargs of `torch_script` for the PyTorch peer's profile
+  (torch.profiler; `torch_reference.profile_by_class`).
+
+  Returns {name: {'wall_s_per_step', 'classes': {class: s/step}, ...}}.
   """
-  import collections
-  import glob
-  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
-  for _ in range(2):
-    step()
-    step.sync()
-  trace_dir = os.path.join(out_dir, 'trace')
-  jax.profiler.start_trace(trace_dir)
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-    step.sync()
-  wall = time.perf_counter() - start
-  jax.profiler.stop_trace()
-  direction = {}
-  for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"',
-                       step.compiled.as_text()):
-    direction[m.group(1)] = ('bwd' if 'transpose(' in m.group(2) else 'fwd')
-  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
-                          recursive=True))[-1]
-  plane = [p for p in _profile_data.ProfileData.from_file(path).planes
-           if p.name == '/host:CPU'][0]
-  wrappers = ('ThunkExecutor', 'SlinkyThreadPool', 'ThreadpoolListener',
-              'end:')
-  events, ops, calls = [], collections.Counter(), collections.Counter()
-  for t, line in enumerate(l for l in plane.lines if 'Eigen' in l.name):
-    for e in line.events:
-      if e.name.startswith(wrappers):
-        continue
-      events.append((e.start_ns, e.start_ns + e.duration_ns, t))
-      key = f'{e.name.split(".")[0]} ({direction.get(e.name, "?")})'
-      ops[key] += e.duration_ns / 1e9 / steps
-      calls[key] += 1 / steps
-  points = sorted([(a, 1, t) for a, _, t in events] +
-                  [(b, -1, t) for _, b, t in events])
-  active, busy = collections.Counter(), collections.Counter()
-  previous = points[0][0] if points else 0
-  for x, d, t in points:
-    busy[sum(1 for v in active.values() if v > 0)] += (x - previous) / 1e9
-    previous = x
-    active[t] += d
-  out = {'wall_s_per_step': wall / steps,
-         'threads_busy_s_per_step': {str(k): v / steps
-                                     for k, v in sorted(busy.items())},
-         'ops': [[k, v, round(calls[k])] for k, v in ops.most_common(15)]}
-  log(f'  profile: {1e3 * out["wall_s_per_step"]:.0f} ms/step; seconds per '
-      'step with k intra-op threads in an op: ' +
-      ', '.join(f'{k}: {v:.3f}' for k, v in
-                out['threads_busy_s_per_step'].items()))
-  for name, secs, n in out['ops'][:8]:
-    log(f'    {secs:7.3f} s/step {n:4d} calls  {name}')
+  out = {}
+  for name, step in steps.items():
+    classes = op_profile.op_classes(step.compiled.as_text(),
+                                    step.config.batch_size)
+    traced = op_profile.trace_ops(step, os.path.join(trace_dir, 'trace'),
+                                  classes, steps=trace_steps)
+    by_class = op_profile.by_class(traced['ops'], classes)
+    top = sorted(traced['ops'].items(), key=lambda kv: -kv[1])[:12]
+    out[name] = {'wall_s_per_step': traced['wall_s_per_step'],
+                 'threads_busy_s_per_step': traced['threads_busy_s_per_step'],
+                 'classes': by_class,
+                 'top_ops': [[n, classes.get(n) or 'other', v] for n, v in top]}
+    log(f'  profile {name}: {1e3 * traced["wall_s_per_step"]:.0f} ms/step; '
+        + ', '.join(f'{c} {1e3 * v:.0f}' for c, v in by_class.items() if v))
+  if torch:
+    for r in torch_script(log=log, **torch)['results']:
+      name = (f'PyTorch {r["graph"]}, {r["memory_format"]}, '
+              f'{r["num_threads"]} thread(s)')
+      out[name] = r['profile']
+      log(f'  profile {name}: '
+          f'{1e3 * r["profile"]["wall_s_per_step"]:.0f} ms/step; ' +
+          ', '.join(f'{c} {1e3 * v:.0f}'
+                    for c, v in r['profile']['classes'].items() if v))
   return out
 
 
@@ -757,16 +762,41 @@ def _graph_table(rows):
 
 
 def write_report(out_dir, name, result):
-  """Writes `<name>.json`, then `<name>.md` rendered from that file."""
+  """Writes `<name>.json` and `<name>.md` rendered from that JSON."""
+  write_files(out_dir, name, result, json_too=True)
+
+
+def write_files(out_dir, name, result, json_too):
+  """The JSON (if `json_too`) and its Markdown, written to temporary files
+  and renamed into place only when both are complete: a run or a render
+  that fails leaves the previous results as they were."""
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f'{name}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=1, sort_keys=True)
-  with open(path) as f:  # the Markdown shows exactly what the JSON holds
-    write_markdown(out_dir, name, json.load(f))
+  # The Markdown shows exactly what the JSON holds (a round trip).
+  text = json.dumps(result, indent=1, sort_keys=True)
+  files = {f'{name}.md': render_markdown(json.loads(text), name)}
+  if json_too:
+    files[f'{name}.json'] = text
+  temps = {}
+  try:
+    for filename, content in files.items():
+      temps[filename] = os.path.join(out_dir, f'.{filename}.tmp{os.getpid()}')
+      with open(temps[filename], 'w') as f:
+        f.write(content)
+    for filename, temp in temps.items():
+      os.replace(temp, os.path.join(out_dir, filename))
+  finally:
+    for temp in temps.values():
+      if os.path.exists(temp):
+        os.remove(temp)
 
 
 def write_markdown(out_dir, name, result):
+  """Writes `<name>.md` rendered from `result` (atomically)."""
+  write_files(out_dir, name, result, json_too=False)
+
+
+def render_markdown(result, name):
+  """The Markdown report of a bench.py result (`name`.json)."""
   env = result['environment']
   device_mode = result.get('mode') == 'device'
   L = ['# Training-step benchmark' + (' (device check)' if device_mode else ''),
@@ -830,8 +860,9 @@ def write_markdown(out_dir, name, result):
           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in result['options']:
       if r.get('failed'):
-        L.append(f'| {r["graph"]} | {r["variant"]} | not compiled by this '
-                 'jaxlib (see the log) |||||||||||')
+        L.append(f'| {r["graph"]} | {r["variant"]} | '
+                 f'{r.get("reason", "not compiled by this jaxlib")} '
+                 '|||||||||||')
         continue
       L.append(f'| {r["graph"]} | {r["variant"]} | {r["batch"]} '
                f'| {r["devices"]} | {1e3 * r["step_s"]:.0f} '
@@ -860,22 +891,51 @@ def write_markdown(out_dir, name, result):
                f'| {1e3 * r["busy_step_s"]:.0f} | {r["slowdown"]:.2f} |')
     L.append('')
   if result.get('profile'):
-    p = result['profile']
-    L += ['## Profile of the single step (jax.profiler)', '',
-          f'{1e3 * p["wall_s_per_step"]:.0f} ms/step traced. Seconds per step '
-          'with k XLA:CPU intra-op threads inside an op: ' +
-          ', '.join(f'{k}: {v:.3f}'
-                    for k, v in p['threads_busy_s_per_step'].items()) + '.',
-          '', '| op (fwd/bwd) | s/step | calls/step |', '|---|---|---|']
-    L += [f'| {name} | {secs:.3f} | {n} |' for name, secs, n in p['ops']]
-    L.append('')
+    L += _profile_table(result['profile'])
   if result.get('skipped'):
     L += ['## Skipped (time budget)', ''] + [
         f'* {s}' for s in result['skipped']] + ['']
   if result.get('goals'):
     L += ['## Goals', ''] + [f'* {g}' for g in result['goals']] + ['']
-  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
-    f.write('\n'.join(L))
+  return '\n'.join(L)
+
+
+def _profile_table(profile):
+  """Op classes (rows) by profiled step (columns): ms per step and share."""
+  names = list(profile)
+  classes = [c for c in op_profile.CLASSES if any(
+      profile[n]['classes'].get(c) for n in names)]
+  L = ['## Where the step\'s time goes, by op class', '',
+       'Single ResNet-32 step, batch 128. Ours: `jax.profiler` trace of '
+       'the compiled step, every HLO op\'s time in its class '
+       '(experiments/op_profile.py; pool tasks of Eigen convolutions to '
+       'their convolution; an instant two threads share counts half to '
+       'each, so the classes add up to the time any op ran). PyTorch: '
+       'torch.profiler self times, its convolution backward split into input '
+       'and weight gradient in the ratio of oneDNN\'s own times '
+       '(experiments/torch_reference.py `--profile`). Traced steps are '
+       'slower than untraced ones; compare shares and the columns.', '',
+       '| op class | ' + ' | '.join(f'{n}: ms (share)' for n in names) + ' |',
+       '|---|' + '---|' * len(names)]
+  totals = {n: sum(profile[n]['classes'].values()) for n in names}
+  for c in classes:
+    cells = []
+    for n in names:
+      v = profile[n]['classes'].get(c, 0.0)
+      cells.append(f'{1e3 * v:.0f} ({100 * v / totals[n]:.0f} %)'
+                   if totals[n] else '—')
+    L.append(f'| {c} | ' + ' | '.join(cells) + ' |')
+  L.append('| all ops | ' + ' | '.join(f'{1e3 * totals[n]:.0f}'
+                                       for n in names) + ' |')
+  L.append('| traced step (wall) | ' + ' | '.join(
+      f'{1e3 * profile[n]["wall_s_per_step"]:.0f}' for n in names) + ' |')
+  busy = [f'{n}: ' + ', '.join(f'{k}: {v:.3f} s'
+                               for k, v in p['threads_busy_s_per_step'].items())
+          for n, p in profile.items() if 'threads_busy_s_per_step' in p]
+  if busy:
+    L += ['', 'Seconds per step with k XLA threads inside an op: ' +
+          '; '.join(busy) + '.']
+  return L + ['']
 
 
 def _same_program(row):
@@ -938,6 +998,19 @@ def _goals(result):
           f'{best["images_per_s"]:.1f} img/s (best PyTorch row: '
           f'{best["memory_format"]}, {best["num_threads"]} thread(s)) = '
           f'{ratio:.2f}x, ' + ('met.' if ratio >= 1 else 'not met.'))
+      onednn = [r for r in result.get('options', ())
+                if r['graph'] == g and r['variant'] == ONEDNN_FFI
+                and not r.get('failed')]
+      if onednn:  # its time ratio to the recommended step, same rounds
+        equivalent = ours[g]['images_per_s'] / onednn[0]['time_vs_baseline']
+        ratio = equivalent / best['images_per_s']
+        goals.append(
+            f'with {ONEDNN_FFI}, {g}: {equivalent:.1f} img/s (the '
+            f'recommended step\'s {ours[g]["images_per_s"]:.1f} over the '
+            f'option\'s time ratio {onednn[0]["time_vs_baseline"]:.2f}) = '
+            f'{ratio:.2f}x the best PyTorch row; within 1.2x (>= 0.83x, '
+            f'issue #27\'s bar for an option): '
+            + ('yes.' if ratio >= 1 / 1.2 else 'no.'))
   if result.get('contention'):
     rows = result['contention']
     worst = {who: max((r for r in rows if r['who'] == who),
@@ -997,7 +1070,7 @@ def _cpu_model():
 
 ALL_SECTIONS = ('graphs', 'torch', 'impl', 'pipeline', 'options', 'contention',
                 'vit', 'profile', 'resnet50', 'resnet50_224')
-DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention,vit'
+DEFAULT_SECTIONS = 'graphs,torch,impl,pipeline,options,contention,vit,profile'
 
 
 def parse_args(argv):
@@ -1041,7 +1114,48 @@ def parse_args(argv):
   p.add_argument('--device_budget_s', type=float, default=270,
                  help='--device: skip what would start after this many '
                  'seconds (the check must end within 6 minutes)')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  check_args(p, args)
+  return args
+
+
+def check_args(parser, args):
+  """Every argument checked before anything runs: a mistake ends with one
+  `error: ...` line and exit status 2 (argparse's), never a traceback."""
+  positive = ('imagenet_batch', 'imagenet_size', 'imagenet224_batch',
+              'cpu_devices', 'device_batch', 'device_budget_s')
+  for name in positive:
+    if getattr(args, name) <= 0:
+      parser.error(f'--{name}={getattr(args, name)}: must be positive')
+  if args.budget_s < 0:
+    parser.error(f'--budget_s={args.budget_s}: must be 0 or more')
+  if args.impl_batch is not None and args.impl_batch <= 0:
+    parser.error(f'--impl_batch={args.impl_batch}: must be positive')
+  sections = [s for s in args.sections.split(',') if s]
+  unknown = sorted(set(sections) - set(ALL_SECTIONS))
+  if unknown or not sections:
+    parser.error(f'--sections={args.sections}: unknown {unknown}; choose '
+                 f'from {",".join(ALL_SECTIONS)}')
+  graphs = [g for g in args.imagenet_graphs.split(',') if g]
+  bad = sorted(set(graphs) - set(paper.TOPOLOGIES))
+  if bad or not graphs:
+    parser.error(f'--imagenet_graphs={args.imagenet_graphs}: unknown {bad}; '
+                 f'choose from {",".join(paper.TOPOLOGIES)}')
+  if args.torch_python and not os.access(args.torch_python, os.X_OK):
+    parser.error(f'--torch_python={args.torch_python}: not an executable')
+  if args.render:
+    try:
+      with open(args.render) as f:
+        result = json.load(f)
+    except (OSError, ValueError) as e:
+      parser.error(f'--render={args.render}: {e}')
+    if not isinstance(result, dict) or not {'environment', 'graphs',
+                                            'total_s'} <= set(result):
+      parser.error(f'--render={args.render}: not a bench.py result (no '
+                   'environment, graphs and total_s)')
+    args.render_result = result
+  elif os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f'--out={args.out}: not a folder')
 
 
 def _logger(t0):
@@ -1056,11 +1170,15 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.render:
-    with open(args.render) as f:
-      result = json.load(f)
     name = os.path.splitext(os.path.basename(args.render))[0]
-    write_markdown(os.path.dirname(args.render) or '.', name, result)
-    return result
+    try:
+      write_files(os.path.dirname(args.render) or '.', name,
+                  args.render_result, json_too=False)
+    except (KeyError, TypeError, ValueError) as e:  # an older or edited JSON
+      print(f'bench.py: error: --render={args.render}: cannot render '
+            f'({type(e).__name__}: {e})', file=sys.stderr)
+      raise SystemExit(2) from None
+    return args.render_result
   try:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   except RuntimeError:  # backends already up (e.g. under pytest): keep them
@@ -1069,11 +1187,7 @@ def main(argv=None):
   log = _logger(t0)
   if args.device:
     return main_device(args, argv, t0, log)
-  sections = set(args.sections.split(','))
-  unknown = sections - set(ALL_SECTIONS)
-  if unknown:
-    raise SystemExit(f'unknown sections {sorted(unknown)}; '
-                     f'choose from {ALL_SECTIONS}')
+  sections = {s for s in args.sections.split(',') if s}
   torch_py = (torch_python(args.torch_python)
               if sections & {'torch', 'contention'} else None)
   result = {'mode': 'cpu', 'environment': _environment(argv, torch_py),
@@ -1095,7 +1209,10 @@ def main(argv=None):
     graphs = imagenet_graphs = ('single', 'h4_hierarchical')
     option_variants = {'single': ('before: XLA default', 'YNNPACK convolutions',
                                   'bfloat16', 'remat', 'CPU devices',
-                                  '1 intra-op thread')}
+                                  '1 intra-op thread', ONEDNN_FFI),
+                       MAKE_RUN: (ONEDNN_FFI,)}
+    make_run = functools.partial(make_run_config, batch=8,
+                                 network='tiny_resnet')
   else:
     timing = dict(warmup=1, min_steps=4, max_steps=15, budget_s=args.budget_s)
     cifar = cifar_config
@@ -1109,7 +1226,10 @@ def main(argv=None):
     imagenet_graphs = tuple(args.imagenet_graphs.split(','))
     option_variants = {
         'single': tuple(k for k in OPTION_VARIANTS if k != 'CPU options'),
-        'h4_hierarchical': ('YNNPACK convolutions', 'remat', 'CPU devices')}
+        'h4_hierarchical': ('YNNPACK convolutions', 'remat', 'CPU devices',
+                            ONEDNN_FFI),
+        MAKE_RUN: (ONEDNN_FFI,)}
+    make_run = make_run_config
   contention_timing = dict(timing, warmup=1, min_steps=min(3, timing['max_steps']),
                            budget_s=timing['budget_s'] / 2)
   cifar_batch = cifar('single').batch_size
@@ -1153,11 +1273,15 @@ def main(argv=None):
         single['batch'], pipeline_steps, single['images_per_s'], log=log)
   contention_steps = {'single': kept_steps.get('single'),
                       'h4_hierarchical': kept_steps.get('h4_hierarchical')}
+  kept_options = {}
   if 'options' in sections:
     log('section options')
+    kept_steps[MAKE_RUN] = Step(make_run())
     result['options'], kept_options = run_options(
         kept_steps, option_variants, timing, b2b,
-        keep=('CPU devices', '2 CPU devices', '1 intra-op thread'), log=log)
+        keep=('CPU devices', '2 CPU devices', '1 intra-op thread', ONEDNN_FFI),
+        log=log)
+    del kept_steps[MAKE_RUN]
     for (graph, name), step in kept_options.items():
       if graph == 'single' and 'per device' not in name:
         contention_steps[f'single, {name}'] = step
@@ -1182,12 +1306,23 @@ def main(argv=None):
                        'transformer blocks), batch '
                        f'{c.batch_size} of 28x28x1 uint8 images, 10 classes.',
         'rows': rows}
-  if 'profile' in sections:  # opt-in: the recommended single step, traced
-    log('section profile')
-    result['profile'] = profile_step(kept_steps['single'], args.out, log=log)
-  del kept_steps, contention_steps
-  if 'options' in sections:
-    del kept_options
+  if 'profile' in sections:
+    log('section profile: the single step by op class')
+    profiled = {'ours (XLA)': kept_steps['single']}
+    onednn_step = kept_options.get(('single', ONEDNN_FFI))
+    if onednn_step is None and onednn_conv.available():
+      onednn_step = option_step(kept_steps['single'], ONEDNN_FFI, log=log)[1]
+    if onednn_step is not None:
+      profiled[f'ours, {ONEDNN_FFI}'] = onednn_step
+    with tempfile.TemporaryDirectory() as trace_dir:
+      result['profile'] = run_profile(
+          profiled, trace_dir, trace_steps=1 if args.quick else 3, log=log,
+          torch=(dict(torch_kw, graphs=('single',), formats=('channels_last',),
+                      threads=(os.cpu_count() or 1,),
+                      profile=1 if args.quick else 3, **torch_timing)
+                 if torch_kw else None))
+    del profiled, onednn_step
+  del kept_steps, contention_steps, kept_options
   for section, make, setting in (
       ('resnet50', imagenet, 'ImageNet-shaped ResNet-50'),
       ('resnet50_224', imagenet224, 'ResNet-50 224x224')):

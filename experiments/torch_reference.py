@@ -260,13 +260,15 @@ def collaborative_loss(logits, labels, beta=0.5, temperature=2.0):
 
 def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
             num_classes=10, depth=32, seed=0, lr=0.1, momentum=0.9,
-            weight_decay=1e-4, num_threads=None) -> dict:
+            weight_decay=1e-4, num_threads=None, profile_steps=0) -> dict:
   """Times full training steps of the head tree `splits` on CPU.
 
   Returns a dict with the median step time (`step_s`, seconds),
   `images_per_s` (= batch / step_s), the number of timed `steps`, the torch
   version and thread count, and the configuration. `num_threads` defaults
-  to `os.cpu_count()` (passed to `torch.set_num_threads`).
+  to `os.cpu_count()` (passed to `torch.set_num_threads`). With
+  `profile_steps`, also `profile`: where those steps' time goes by op class
+  (`profile_by_class`).
   """
   torch = _torch()
   splits = validate_splits(splits)
@@ -285,7 +287,9 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = collaborative_loss(model(images), labels)
+    logits = model(images)
+    with torch.profiler.record_function('collab_loss'):
+      loss = collaborative_loss(logits, labels)
     loss.backward()
     opt.step()
     return loss
@@ -300,7 +304,10 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
     times.append(time.perf_counter() - start)
   cpu_s = _cpu_s() - cpu_start
   step_s = statistics.median(times)
-  return {
+  extra = {}
+  if profile_steps:
+    extra['profile'] = profile_by_class(step, profile_steps)
+  return {**extra,
       'splits': [list(s) for s in splits],
       'heads': num_heads(splits),
       'batch': batch,
@@ -322,6 +329,95 @@ def measure(splits, *, batch=128, channels_last=True, steps=8, warmup=3,
   }
 
 
+# Op classes of bench.py's profile table (experiments/op_profile.py has ours).
+# Backward ops are named by their autograd node; forward ops by the aten op
+# or the record_function around them.
+_LOSS_NODES = ('LogSoftmax', 'NllLoss', 'Softmax', 'Stack', 'Sum', 'Mul',
+               'Div', 'Mean', 'Neg')
+
+
+def _torch_class(names):
+  """The class of an op from its own and its ancestors' names (innermost first)."""
+  joined = ' '.join(names)
+  if 'Optimizer.' in joined or 'AccumulateGrad' in joined:
+    return 'optimizer'
+  if 'ConvolutionBackward' in joined:
+    return 'conv backward'
+  if 'BatchNorm' in joined or 'batch_norm' in joined:
+    return 'BatchNorm'
+  if 'collab_loss' in joined or any(
+      f'{n}Backward' in joined for n in _LOSS_NODES):
+    return 'loss'
+  if 'convolution' in joined or 'conv2d' in joined:
+    return 'conv forward'
+  if any(k in names[0] for k in ('aten::copy_', 'aten::clone',
+                                 'aten::contiguous')):
+    return 'layout transposes/copies'
+  return 'elementwise (network)'
+
+
+def _onednn_conv_ms(step, steps):
+  """oneDNN's own execution times (ms per step) of convolution backward data
+  and backward weights primitives, from its verbose lines on stdout."""
+  import tempfile
+  torch = _torch()
+  sys.stdout.flush()
+  saved = os.dup(1)
+  with tempfile.TemporaryFile(mode='w+') as f:
+    os.dup2(f.fileno(), 1)
+    try:
+      with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        for _ in range(steps):
+          step()
+    finally:
+      sys.stdout.flush()
+      os.dup2(saved, 1)
+      os.close(saved)
+    f.seek(0)
+    out = {'backward_data': 0.0, 'backward_weights': 0.0}
+    for line in f:
+      fields = line.strip().split(',')
+      if 'exec' in fields and 'convolution' in fields:
+        for kind in out:
+          if kind in fields:
+            out[kind] += float(fields[-1]) / steps
+  return out
+
+
+def profile_by_class(step, steps):
+  """Seconds per step by op class: each op's self CPU time (wall time on the
+  thread that called it; oneDNN's threads work inside it).
+
+  torch.profiler sees one ConvolutionBackward op per convolution; it is
+  split into input and weight gradient in the ratio of oneDNN's own
+  execution times of the two primitives (a separate pass with oneDNN's
+  verbose mode, which slows what it prints).
+  """
+  torch = _torch()
+  with torch.profiler.profile(
+      activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    wall = time.perf_counter() - start
+  classes = {}
+  for e in prof.events():
+    names, parent = [e.name], e.cpu_parent
+    while parent is not None:
+      names.append(parent.name)
+      parent = parent.cpu_parent
+    cls = _torch_class(names)
+    classes[cls] = classes.get(cls, 0.0) + e.self_cpu_time_total / 1e6 / steps
+  backward = classes.pop('conv backward', 0.0)
+  onednn = _onednn_conv_ms(step, steps)
+  total = sum(onednn.values())
+  share = onednn['backward_data'] / total if total else 0.5
+  classes['conv input gradient'] = backward * share
+  classes['conv weight gradient'] = backward * (1 - share)
+  return {'wall_s_per_step': wall / steps, 'classes': classes,
+          'onednn_ms_per_step': onednn, 'steps': steps}
+
+
 def _cpu_s():
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
@@ -340,6 +436,8 @@ def _parse_args(argv):
                  help='CIFAR ResNet depth (6n + 2; 8 for smoke tests)')
   p.add_argument('--steps', type=int, default=8)
   p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--profile', type=int, default=0,
+                 help='also profile this many steps by op class')
   p.add_argument('--json', default=None,
                  help='write the results here as JSON ("-": stdout, with the '
                  'table on stderr)')
@@ -368,7 +466,8 @@ def main(argv=None):
       for graph in args.graphs:
         r = measure(GRAPHS[graph], batch=args.batch, depth=args.depth,
                     channels_last=fmt == 'channels_last', steps=args.steps,
-                    warmup=args.warmup, num_threads=threads)
+                    warmup=args.warmup, num_threads=threads,
+                    profile_steps=args.profile)
         r['graph'] = graph
         r['load_1min'] = os.getloadavg()[0]
         results.append(r)

@@ -137,3 +137,55 @@ def test_residual_barriers_keep_the_maths_under_the_recommended_options():
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
   assert models.compiler_options('gpu') == {}
+
+
+@pytest.mark.parametrize('args, named', [
+    (['--budget_s=-1'], '--budget_s'),
+    (['--cpu_devices=0'], '--cpu_devices'),
+    (['--sections=foo'], '--sections'),
+    (['--sections=graphs,foo'], 'foo'),
+    (['--sections='], '--sections'),
+    (['--imagenet_graphs=single,bar'], 'bar'),
+    (['--impl_batch=0'], '--impl_batch'),
+    (['--device', '--device_budget_s=0'], '--device_budget_s'),
+    (['--torch_python=/nonexistent/python'], '--torch_python'),
+    (['--render=/nonexistent/bench.json'], '--render'),
+])
+def test_a_bad_argument_ends_with_one_error_line_and_status_2(
+    args, named, capsys, tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(args + [f'--out={tmp_path}'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert [l for l in err if 'error:' in l] == err[-1:]
+  assert named in err[-1] and 'Traceback' not in '\n'.join(err)
+  assert not os.listdir(tmp_path)  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize('content', ['not json', '[1, 2]', '{"graphs": {}}',
+                                     '{"environment": {}, "graphs": {}, '
+                                     '"total_s": 1}'])
+def test_render_of_a_bad_json_is_an_error_and_keeps_the_markdown(
+    content, capsys, tmp_path):
+  (tmp_path / 'bench.json').write_text(content)
+  (tmp_path / 'bench.md').write_text('previous report')
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main([f'--render={tmp_path / "bench.json"}'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert 'error:' in err[-1] and '--render' in err[-1]
+  assert (tmp_path / 'bench.md').read_text() == 'previous report'
+
+
+def test_a_failed_report_leaves_the_previous_results(tmp_path, monkeypatch):
+  for name in ('bench.json', 'bench.md'):
+    (tmp_path / name).write_text('previous')
+
+  def broken(result, name):
+    raise RuntimeError('rendering failed')
+
+  monkeypatch.setattr(bench, 'render_markdown', broken)
+  with pytest.raises(RuntimeError):
+    bench.write_report(str(tmp_path), 'bench', {'total_s': 1.0})
+  assert sorted(os.listdir(tmp_path)) == ['bench.json', 'bench.md']
+  assert {p.read_text() for p in tmp_path.iterdir()} == {'previous'}
