@@ -77,7 +77,7 @@ $(ONEDNN_SO): csrc/onednn_conv.cc $(VENV)/.installed-onednn
 	  apt-get update -q >/dev/null && apt-get install -y -q g++ >/dev/null; \
 	  else echo "make onednn needs g++ (e.g. sudo apt-get install g++)"; exit 1; fi; }
 	prefix=$$(cd $(VENV) && pwd); \
-	g++ -O2 -std=c++17 -shared -fPIC -fopenmp -Wno-attributes \
+	g++ -O2 -std=c++17 -shared -fPIC -fopenmp -Wno-attributes -Wno-return-type \
 	  -I$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())') \
 	  -I$$prefix/include $< -o $@ -L$$prefix/lib -ldnnl -Wl,-rpath,$$prefix/lib
 	$(PY) -c 'from collab_jax.models import onednn_conv as o; assert o.available(); print("oneDNN", o.version(), o.implementation("bwd_w", (128, 32, 32, 16), (3, 3, 16, 16)))'

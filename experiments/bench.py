@@ -648,9 +648,10 @@ def run_profile(steps, trace_dir, torch=None, trace_steps=3, log=print):
   `torch`: kwargs of `torch_script` for the PyTorch peer's profile
   (torch.profiler; `torch_reference.profile_by_class`).
 
-  Returns {name: {'wall_s_per_step', 'classes': {class: s/step}, ...}}.
+  Returns [{'name', 'wall_s_per_step', 'classes': {class: s/step}, ...}]
+  in the order profiled.
   """
-  out = {}
+  out = []
   for name, step in steps.items():
     classes = op_profile.op_classes(step.compiled.as_text(),
                                     step.config.batch_size)
@@ -658,17 +659,19 @@ def run_profile(steps, trace_dir, torch=None, trace_steps=3, log=print):
                                   classes, steps=trace_steps)
     by_class = op_profile.by_class(traced['ops'], classes)
     top = sorted(traced['ops'].items(), key=lambda kv: -kv[1])[:12]
-    out[name] = {'wall_s_per_step': traced['wall_s_per_step'],
+    out.append({'name': name, 'batch': step.config.batch_size,
+                'wall_s_per_step': traced['wall_s_per_step'],
                  'threads_busy_s_per_step': traced['threads_busy_s_per_step'],
                  'classes': by_class,
-                 'top_ops': [[n, classes.get(n) or 'other', v] for n, v in top]}
+                'top_ops': [[n, classes.get(n) or 'other', v]
+                            for n, v in top]})
     log(f'  profile {name}: {1e3 * traced["wall_s_per_step"]:.0f} ms/step; '
         + ', '.join(f'{c} {1e3 * v:.0f}' for c, v in by_class.items() if v))
   if torch:
     for r in torch_script(log=log, **torch)['results']:
       name = (f'PyTorch {r["graph"]}, {r["memory_format"]}, '
               f'{r["num_threads"]} thread(s)')
-      out[name] = r['profile']
+      out.append({'name': name, 'batch': r['batch'], **r['profile']})
       log(f'  profile {name}: '
           f'{1e3 * r["profile"]["wall_s_per_step"]:.0f} ms/step; ' +
           ', '.join(f'{c} {1e3 * v:.0f}'
@@ -900,13 +903,15 @@ def render_markdown(result, name):
   return '\n'.join(L)
 
 
-def _profile_table(profile):
+def _profile_table(profiles):
   """Op classes (rows) by profiled step (columns): ms per step and share."""
+  profile = {p['name']: p for p in profiles}
   names = list(profile)
   classes = [c for c in op_profile.CLASSES if any(
       profile[n]['classes'].get(c) for n in names)]
   L = ['## Where the step\'s time goes, by op class', '',
-       'Single ResNet-32 step, batch 128. Ours: `jax.profiler` trace of '
+       f'The single network\'s step, batch {profiles[0]["batch"]}. Ours: '
+       '`jax.profiler` trace of '
        'the compiled step, every HLO op\'s time in its class '
        '(experiments/op_profile.py; pool tasks of Eigen convolutions to '
        'their convolution; an instant two threads share counts half to '

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 
 from collab_jax import models
+from collab_jax.models import onednn_conv
 import collab_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
 import bench  # noqa: E402
+import op_profile  # noqa: E402
 
 
 def test_quick_bench_writes_every_section(tmp_path):
   result = bench.main(['--quick', f'--out={tmp_path}',
                        '--sections=graphs,torch,impl,pipeline,options,'
-                       'contention,vit,resnet50'])
+                       'contention,vit,profile,resnet50'])
   with open(tmp_path / 'bench.json') as f:
     saved = json.load(f)
   report = (tmp_path / 'bench.md').read_text()
@@ -44,12 +46,25 @@ def test_quick_bench_writes_every_section(tmp_path):
   variants = {r['variant'] for r in saved['options']}
   assert {'baseline', 'bfloat16', 'remat', '1 intra-op thread'} <= variants
   assert any('CPU devices' in v for v in variants)
+  onednn = [r for r in saved['options'] if r['variant'] == bench.ONEDNN_FFI]
+  assert {r['graph'] for r in onednn} == {'single', bench.MAKE_RUN}
+  assert all(r.get('failed') != onednn_conv.available() for r in onednn)
+  assert all(r['reason'] == 'not built (make onednn)'
+             for r in onednn if r.get('failed'))
+  profiled = [p['name'] for p in saved['profile']]
+  assert profiled[0] == 'ours (XLA)' and "by op class" in report
+  assert ((f'ours, {bench.ONEDNN_FFI}' in profiled) ==
+          onednn_conv.available())
+  for p in saved['profile']:
+    assert set(p['classes']) <= set(op_profile.CLASSES)
+    assert sum(p['classes'].values()) > 0 and p['wall_s_per_step'] > 0
   assert saved['goals'] and '## Goals' in report
   ours = [r for r in saved['contention'] if r['who'] == 'ours']
   assert {r['variant'] for r in ours} >= {'single', 'h4_hierarchical'}
   assert all(r['slowdown'] > 0 for r in saved['contention'])
   if bench.torch_python() is not None:  # make bench builds .venv-torch
     assert {r['memory_format'] for r in saved['torch']} == {'channels_last', 'nchw'}
+    assert profiled[-1].startswith('PyTorch single')
     assert any(r['who'] == 'PyTorch' for r in saved['contention'])
   assert result['total_s'] > 0
   # The Markdown is rendered from the JSON alone.
@@ -189,3 +204,30 @@ def test_a_failed_report_leaves_the_previous_results(tmp_path, monkeypatch):
     bench.write_report(str(tmp_path), 'bench', {'total_s': 1.0})
   assert sorted(os.listdir(tmp_path)) == ['bench.json', 'bench.md']
   assert {p.read_text() for p in tmp_path.iterdir()} == {'previous'}
+
+
+def test_op_classes_tell_the_three_convolutions_apart():
+  x = jnp.zeros((8, 6, 6, 4))
+  w = jnp.zeros((3, 3, 4, 5))
+
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.maximum(y, 0.0))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+  classes = op_profile.op_classes(compiled.as_text(), batch=8)
+  assert {'conv forward', 'conv input gradient',
+          'conv weight gradient'} <= set(classes.values())
+
+
+def test_pool_tasks_go_to_the_op_beside_them_or_the_last_convolution():
+  ms = 1_000_000
+  lines = [([('fusion.1', 0, 10 * ms), ('conv.2', 20 * ms, 21 * ms)], []),
+           ([], [(2 * ms, 6 * ms), (21 * ms, 31 * ms)])]
+  ops, busy = op_profile.attribute(lines, lambda name: name.startswith('conv'))
+  # fusion.1 alone for 6 ms, and 4 ms shared with its own pool task;
+  # conv.2's pool task runs after it, alone.
+  assert ops['fusion.1'] == pytest.approx(0.010)
+  assert ops['conv.2'] == pytest.approx(0.011)
+  assert busy[2] == pytest.approx(0.004)
