@@ -49,10 +49,13 @@ test: install
 
 # The PyTorch peer runs in its own Python 3.11 venv (torch's CPU wheel exists
 # for 3.11 here; on newer Pythons pip would fetch a CUDA build of several GB);
-# bench.py calls it as a subprocess. About 15 minutes on 2 cores.
+# bench.py calls it as a subprocess. About 30 minutes on 2 cores.
 TORCH_PYTHON_BASE ?= $(shell command -v python3.11 || echo $$(pyenv root 2>/dev/null)/versions/3.11*/bin/python3.11)
 TORCH_VENV := .venv-torch
+# The oneDNN rows need `make onednn`; without it (e.g. no g++) they say "not
+# built" and the rest runs.
 bench: install $(TORCH_VENV)/.installed
+	-$(MAKE) onednn
 	$(PY) experiments/bench.py --out=experiments/results --torch_python=$(TORCH_VENV)/bin/python
 
 $(TORCH_VENV)/.installed:

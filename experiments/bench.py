@@ -240,6 +240,9 @@ def program_stats(compiled):
   out = logging_utils.compiled_stats(compiled)
   try:  # equal hashes: an option did not change the compiled program
     text = re.sub(r'\S*metadata=\{[^}]*\}', '', compiled.as_text())
+    # The stack-frame tables at the end name the Python lines that built
+    # the step: not part of the program.
+    text = text.split('\nFileNames\n')[0]
     out['program_hash'] = hashlib.sha1(text.encode()).hexdigest()[:10]
   except Exception:  # pylint: disable=broad-except
     pass
