@@ -9,11 +9,12 @@ call oneDNN's own primitives (forward, backward data, backward weights) under
 a `jax.custom_vjp`, on NHWC activations and HWIO weights.
 
 Opt-in and CPU-only: the C++ source is `csrc/onednn_conv.cc`, built by
-`make onednn` into `collab_jax/models/_onednn_conv.so` against Debian's
-libdnnl-dev (or the library named by `$COLLAB_ONEDNN_LIB`). Without it,
-`available()` is False and `conv_general_dilated` is `lax`'s. Nothing in the
-default training path uses this module; experiments/README.md ("Benchmark")
-has what it measured and why it stopped there.
+`make onednn` into `collab_jax/models/_onednn_conv.so` against the `onednn`
+extra (oneDNN 3.2 from PyPI; `$COLLAB_ONEDNN_LIB` names another build).
+Without it, `available()` is False and `conv_general_dilated` is `lax`'s.
+Nothing in the training path uses this module: it did not bring the step
+within 1.2x of PyTorch's (README, "Performance", has what it measured);
+`layers.conv_implementation` opens it for the benchmark and the tests.
 """
 
 import ctypes
@@ -45,7 +46,7 @@ def _library():
     return None
   try:
     lib = ctypes.cdll.LoadLibrary(path)
-  except OSError:  # e.g. built, but libdnnl uninstalled since
+  except OSError:  # e.g. built, but the venv's libdnnl removed since
     return None
   for kind, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(_PREFIX + kind,
