@@ -206,7 +206,7 @@ def test_cifar10_and_imagenet_on_mock_data(tmp_path):
   config.update_from_flattened_dict({
       'model.name': 'tiny_resnet50', 'image_size': 32, 'batch_size': 16,
       'eval_batch_size': 16, 'num_train_steps': 2, 'progress': False,
-      'log_every_steps': 1})
+      'log_every_steps': 1, 'warmup_epochs': 0.0})
   with tfds.testing.mock_data(num_examples=32):
     results = train.train_and_evaluate(config, str(tmp_path / 'imagenet'))
   assert results['heads'] == 4 and np.isfinite(results['head_1_test_error'])
