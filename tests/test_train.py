@@ -53,6 +53,8 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
   assert 0 <= results['head_1_test_top5_error'] <= results['head_1_test_error']
   assert results['head_1_test_top5_error'] == results['head_test_top5_errors'][0]
   assert results['versions']['jax'] == jax.__version__
+  with open(tmp_path / 'data.json') as f:  # the record names its data too
+    assert results['data_fingerprint'] == json.load(f)
   assert any(r.get('head_1/top5_error') is not None
              for r in _metrics(tmp_path, 'eval'))
   for name in ('config.json', 'run_info.json', 'metrics.jsonl', 'results.json'):

@@ -239,6 +239,7 @@ def _train(config, workdir, built, config_changes):
               'global_batch': config.batch_size, 'heads': model.num_heads,
               'steps_per_epoch': per_epoch, 'num_train_steps': num_steps,
               'train_examples': data.num_train,
+              'data_fingerprint': data.fingerprint,
               'compile_s': compile_s,
               **logging_utils.compiled_stats(compiled),
               **logging_utils.provenance()}
