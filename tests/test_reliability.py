@@ -653,14 +653,20 @@ def test_finite_divergence_fails_the_run(data_dir, tmp_path, overrides,
   assert not (workdir / 'export').exists()
 
 
-def test_cli_failed_run_is_one_line_with_exit_status_2(data_dir, tmp_path):
-  cfg = _write_config(tmp_path / 'cfg.py', data_dir, learning_rate=30.0,
-                      num_train_steps=3, label_noise=0.0)
+@pytest.mark.parametrize('learning_rate,message', [
+    (30.0, 'error: training diverged'),
+    # inf in float32: numpy's RuntimeWarnings (overflow in cast) came first.
+    (1e39, 'error: all 3 updates were skipped')])
+def test_cli_failed_run_is_one_line_with_exit_status_2(data_dir, tmp_path,
+                                                       learning_rate, message):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, learning_rate=learning_rate,
+                      num_train_steps=3, label_noise=0.0,
+                      max_nonfinite_streak=10)
   out = _run([f'--config={cfg}', f'--workdir={tmp_path / "run"}'])
   assert out.returncode == 2, out.stderr[-3000:]
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(lines) == 1, out.stderr  # no warning lines before it
-  assert lines[0].startswith('error: training diverged'), lines[0]
+  assert lines[0].startswith(message), lines[0]
 
 
 # Issue 26, case 11: an evaluation batch beyond the test set or the memory.
