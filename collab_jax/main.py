@@ -12,7 +12,9 @@ to <workdir>/results.json; head 1 is exported to <workdir>/export/head_1.
 
 import contextlib
 import glob
+import logging as pylogging
 import os
+import re
 import signal
 import sys
 import threading
@@ -94,7 +96,11 @@ with _train_extra():
   from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, results.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, '
+                    'results: a local path or gs://BUCKET/PATH.')
+flags.DEFINE_bool('break_lock', False, 'Take over the lock of a workdir on '
+                  'gs:// that a trainer killed without warning left behind '
+                  '(check first that it is gone).')
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py); override values '
     'with --config.KEY=VALUE.', lock_config=True)
@@ -152,6 +158,10 @@ def last_override_wins(argv):
   `--config.KEY VALUE` form, repeated, is refused rather than guessed at.
   """
   end = argv.index('--') if '--' in argv else len(argv)
+  files = [a for a in argv[1:end] if a == '--config' or a.startswith('--config=')]
+  if len(files) > 1:
+    _fail(f'--config is given {len(files)} times; give one config file '
+          '(override its values with --config.KEY=VALUE).')
   where = {}
   for i, arg in enumerate(argv[1:end], 1):
     if arg.startswith('--config.'):
@@ -192,11 +202,19 @@ def parse_flags(argv):
     if path and not os.path.exists(path):
       _fail(f'config file {path} does not exist (--config=).')
     if isinstance(e, (AttributeError, KeyError)):
-      key = str(e).strip('"\'')
+      # ml_collections: "'key'\nDid you mean "other" instead of "key"?",
+      # sometimes as the repr of that text.
+      text = str(e)
+      if text[:1] in '"\'' and text[-1:] == text[:1]:
+        text = text[1:-1].encode().decode('unicode_escape')
+      lines = text.splitlines() or ['']
+      key = lines[0].strip('"\'')
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      hint = f' (did you mean {hint.group(1)!r}?)' if hint else ''
       bad = [a.split('=')[0] for a in argv[1:]
-             if a.startswith('--config.') and key in a.split('=')[0]]
+             if a.startswith('--config.') and a.split('=')[0].split('.')[-1] == key]
       if bad:
-        _fail(f'{bad[0]}: the config of {path} has no key {key!r}.')
+        _fail(f'{bad[0]}: the config of {path} has no key {key!r}{hint}.')
     if isinstance(e, SyntaxError):
       where, what = e.lineno, e.msg
     else:
@@ -237,11 +255,15 @@ def main(argv):
   with _train_extra():
     from collab_jax import errors  # pylint: disable=g-import-not-at-top
     from collab_jax.trainer import train  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
+  # Library warnings (absl's, and Python's, which captureWarnings routes
+  # there) would come before an `error:` line; the trainer says what matters
+  # on the console itself.
+  logging.set_verbosity(logging.ERROR)
+  pylogging.captureWarnings(True)
   use_cpu_devices(config)
   maybe_initialize_distributed()
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir, break_lock=FLAGS.break_lock)
   except (errors.ConfigError, errors.WorkdirError, errors.NonFiniteError,
           errors.DatasetError) as e:
     _fail(e)

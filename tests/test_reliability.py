@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import ml_collections
@@ -27,7 +28,9 @@ import pytest
 
 from collab_jax import errors
 from collab_jax.trainer import checkpointing
+from collab_jax.trainer import fs
 from collab_jax.trainer import logging_utils
+from collab_jax.trainer import parallel
 from collab_jax.trainer import steps
 from collab_jax.trainer import train
 import testutil
@@ -131,10 +134,14 @@ def _abstract_state(config):
 
 def _state(workdir, config, step=None):
   """The full TrainState checkpointed in `workdir` (latest or `step`), numpy."""
+  # Placed on this process's devices whatever the saving processes had.
+  replicated = parallel.data_parallel().replicated
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      _abstract_state(config))
   with checkpointing.checkpoint_manager(str(workdir), config) as manager:  # pylint: disable=protected-access
     step = manager.latest_step() if step is None else step
-    state = manager.restore(step, args=ocp.args.StandardRestore(
-        _abstract_state(config)))
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   return jax.device_get(state)
 
 
@@ -208,7 +215,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(
   proc.send_signal(sig)
   assert proc.wait(120) == 0
   log = open(tmp_path / 'log1').read()
-  stopped = [l for l in log.splitlines() if l.startswith('stopped at step')]
+  stopped = [l for l in log.splitlines() if l.startswith('pre-empted at step')]
   assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], log
   assert 'Traceback' not in log
   step = int(stopped[0].split()[3])
@@ -282,7 +289,7 @@ def test_lock_is_held_for_the_run_and_released_after(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   config = _config(data_dir, num_train_steps=2)
-  with checkpointing.workdir_lock(str(workdir)):
+  with fs.workdir_lock(str(workdir)):
     with pytest.raises(errors.WorkdirError,
                        match=f'in use by another trainer \\(pid {os.getpid()} '):
       train.train_and_evaluate(config, str(workdir))
@@ -290,7 +297,7 @@ def test_lock_is_held_for_the_run_and_released_after(data_dir, tmp_path):
   # A lock file left by a process that died (its flock went with it).
   (workdir / 'trainer.lock').write_text('pid 999999 on host elsewhere')
   assert train.train_and_evaluate(config, str(workdir))['steps'] == 2
-  with checkpointing.workdir_lock(str(workdir)):  # released when the run returned
+  with fs.workdir_lock(str(workdir)):  # released when the run returned
     pass
 
 
@@ -465,6 +472,373 @@ def test_workdir_of_another_config_and_finished_runs_are_left_alone(
   assert not [f for f in _snapshot(workdir) if '.tmp' in f]
 
 
+def _files(workdir):
+  """Every file's mtime, but the lock's (a run that starts records its pid)."""
+  return {k: v for k, v in _snapshot(workdir).items()
+          if not os.path.basename(k).startswith('trainer.lock')}
+
+
+def _records(workdir, kind):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+
+# Issue 26, case 1: a resumed run never goes back a step.
+def test_resume_never_goes_back_a_step(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  short = {'label_noise': 0.0, 'num_train_steps': 4}
+  assert train.train_and_evaluate(
+      _config(data_dir, halt_after_steps=3, **short), workdir) is None
+  before = _files(workdir)
+  fewer = _config(data_dir, label_noise=0.0, num_train_steps=2,
+                  allow_config_change=True)
+  with pytest.raises(errors.WorkdirError, match='last checkpoint of .* is at '
+                     'step 3, past the 2 steps of this config: a run never '
+                     'goes back a step') as e:
+    train.train_and_evaluate(fewer, workdir)
+  assert '\n' not in str(e.value)
+  assert _files(workdir) == before  # config.json and the log untouched
+
+
+# Issue 26, case 2: results.json, the export and the last checkpoint agree.
+def test_export_results_and_checkpoint_name_the_same_step(data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  three = _config(data_dir, label_noise=0.0, num_train_steps=3)
+  assert train.train_and_evaluate(three, str(workdir))['steps'] == 3
+  assert checkpointing.export_step(workdir) == 3
+  os.remove(workdir / 'results.json')
+  six = _config(data_dir, label_noise=0.0, num_train_steps=6,
+                allow_config_change=True)
+  before = _files(workdir)
+  with pytest.raises(errors.WorkdirError, match=r'export/head_1 holds head 1 '
+                     'at step 3, but this run ends at step 6') as e:
+    train.train_and_evaluate(six, str(workdir))
+  assert '\n' not in str(e.value) and _files(workdir) == before
+  # Moved away as the message says, the run trains on and exports step 6.
+  shutil.move(workdir / 'export', tmp_path / 'export_at_3')
+  results = train.train_and_evaluate(six, str(workdir))
+  assert results['steps'] == 6 and checkpointing.export_step(workdir) == 6
+  with checkpointing.checkpoint_manager(str(workdir), six) as manager:
+    assert manager.latest_step() == 6
+  # An export that records no step (made before steps were recorded) is
+  # compared by its weights: step 3's head 1 is not step 6's.
+  os.remove(workdir / 'results.json')
+  shutil.rmtree(workdir / 'export')
+  with ocp.StandardCheckpointer() as ckptr:
+    at_3 = ckptr.restore(str(tmp_path / 'export_at_3' / 'head_1'))
+    ckptr.save(str(workdir / 'export' / 'head_1'), at_3)
+  assert checkpointing.export_step(workdir) == -1
+  with pytest.raises(errors.WorkdirError, match='holds another head 1 than the '
+                     'one trained to step 6'):
+    train.train_and_evaluate(six, str(workdir))
+  assert not (workdir / 'results.json').exists()
+
+
+# Issue 26, case 7: every (step, kind) once, also after a crash in the export.
+def test_final_records_are_logged_once_after_a_crash_in_the_export(
+    data_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = _config(data_dir, label_noise=0.0, num_train_steps=2)
+  def killed(*args, **kwargs):
+    raise RuntimeError('killed during the export')
+  monkeypatch.setattr(checkpointing, 'save_export', killed)
+  with pytest.raises(RuntimeError, match='killed'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert train.train_and_evaluate(config, workdir)['steps'] == 2
+  for kind in ('train', 'eval', 'final'):
+    assert [r['step'] for r in _records(workdir, kind)] == (
+        [1, 2] if kind == 'train' else [2]), kind
+
+
+# Issue 26, case 5: no config record beside checkpoints is a damaged workdir.
+def test_missing_config_record_is_a_damaged_workdir(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  short = {'label_noise': 0.0, 'num_train_steps': 4}
+  assert train.train_and_evaluate(
+      _config(data_dir, halt_after_steps=2, **short), workdir) is None
+  os.remove(os.path.join(workdir, 'config.json'))
+  before = _files(workdir)
+  other = _config(data_dir, beta=0.9, **short)
+  with pytest.raises(errors.WorkdirError, match='config.json is missing but .* '
+                     'holds checkpoints: the workdir is damaged') as e:
+    train.train_and_evaluate(other, workdir)
+  assert '\n' not in str(e.value) and _files(workdir) == before
+  other.allow_config_change = True
+  assert train.train_and_evaluate(other, workdir)['steps'] == 4
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['beta'] == 0.9
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    change = json.loads(f.read())
+  assert change['step'] == 2 and list(change['changes']) == ['config.json']
+
+
+# Issue 26, case 6: the data's fingerprint is recorded and compared.
+def test_resume_on_other_data_is_refused(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  short = {'label_noise': 0.0, 'num_train_steps': 4}
+  halted = _config(data_dir, halt_after_steps=2, **short)
+  assert train.train_and_evaluate(halted, workdir) is None
+  with open(os.path.join(workdir, 'data.json')) as f:
+    recorded = json.load(f)
+  assert recorded['dataset'] == 'fashion_mnist_local'
+  assert (recorded['num_train'], recorded['num_test']) == (96, 40)
+  assert recorded['image_shape'] == [12, 12, 1] and recorded['num_classes'] == 10
+  assert len(recorded['train_sha256']) == len(recorded['test_sha256']) == 16
+  other = tmp_path / 'other'  # same sizes and shapes, other images
+  testutil.fake_fashion_mnist(str(other), num_train=96, num_test=40,
+                              shape=(12, 12), seed=1)
+  before = _files(workdir)
+  with pytest.raises(errors.WorkdirError, match=r'was trained on other data '
+                     r"\(mean: .*, test_sha256: '\w+' -> '\w+'\); point "
+                     '--config.data_dir at the data of its run') as e:
+    train.train_and_evaluate(_config(other, **short), workdir)
+  assert '\n' not in str(e.value) and _files(workdir) == before
+  bigger = tmp_path / 'bigger'  # the issue's 32x32 images
+  testutil.fake_fashion_mnist(str(bigger), num_train=96, num_test=40,
+                              shape=(32, 32))
+  with pytest.raises(errors.WorkdirError, match='image_shape: '):
+    train.train_and_evaluate(_config(bigger, **short), workdir)
+  # The same data in another folder (data_dir may change) resumes.
+  moved = tmp_path / 'moved'
+  shutil.copytree(data_dir, moved)
+  assert train.train_and_evaluate(
+      _config(moved, halt_after_steps=3, **short), workdir) is None
+  # Other data, allowed explicitly: resumed, and the change recorded.
+  allowed = _config(other, allow_config_change=True, **short)
+  assert train.train_and_evaluate(allowed, workdir)['steps'] == 4
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    change = json.loads(f.read())
+  assert change['step'] == 3 and 'data.train_sha256' in change['changes']
+  with open(os.path.join(workdir, 'data.json')) as f:
+    assert json.load(f)['train_sha256'] != recorded['train_sha256']
+
+
+def test_workdir_without_a_data_record_resumes_and_records_it(data_dir, tmp_path):
+  """Workdirs made before data.json existed: the data is recorded on resuming."""
+  workdir = str(tmp_path / 'run')
+  config = _config(data_dir, label_noise=0.0, num_train_steps=4)
+  assert train.train_and_evaluate(
+      _config(data_dir, label_noise=0.0, num_train_steps=4, halt_after_steps=2),
+      workdir) is None
+  os.remove(os.path.join(workdir, 'data.json'))
+  assert train.train_and_evaluate(config, workdir)['steps'] == 4
+  assert os.path.exists(os.path.join(workdir, 'data.json'))
+
+
+# Issue 26, case 4: finite divergence is a failure, by a documented rule.
+@pytest.mark.parametrize('overrides,message', [
+    # While training: every step of 5 in a row (log windows of 1 step) with
+    # head 1's training cross-entropy above 10 log(10) = 23 nats. Steps 1 and
+    # 2 are still below it.
+    ({'num_train_steps': 12, 'max_divergent_steps': 5},
+     r"training diverged: head 1's training cross-entropy was above 23 nats "
+     r'\(ten times a uniform guess over 10 classes\) in every step of the last '
+     r'5 \(up to step 7\)'),
+    # At the end (fewer steps than the rule needs): head 1's test
+    # cross-entropy above the same threshold.
+    ({'num_train_steps': 3}, r"training diverged: head 1's test cross-entropy "
+     r'is .* nats, above 23 .*no results.json was written')])
+def test_finite_divergence_fails_the_run(data_dir, tmp_path, overrides,
+                                         message):
+  config = _config(data_dir, learning_rate=30.0, label_noise=0.0,
+                   log_every_steps=1, max_nonfinite_streak=100, **overrides)
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.NonFiniteError, match=message) as e:
+    train.train_and_evaluate(config, str(workdir))
+  assert '\n' not in str(e.value)
+  records = _train_records(workdir)
+  assert all(math.isfinite(r['loss']) for r in records)  # finite all along
+  assert not (workdir / 'results.json').exists()
+  assert not (workdir / 'export').exists()
+
+
+@pytest.mark.parametrize('learning_rate,message', [
+    (30.0, 'error: training diverged'),
+    # inf in float32: numpy's RuntimeWarnings (overflow in cast) came first.
+    (1e39, 'error: all 3 updates were skipped')])
+def test_cli_failed_run_is_one_line_with_exit_status_2(data_dir, tmp_path,
+                                                       learning_rate, message):
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, learning_rate=learning_rate,
+                      num_train_steps=3, label_noise=0.0,
+                      max_nonfinite_streak=10)
+  out = _run([f'--config={cfg}', f'--workdir={tmp_path / "run"}'])
+  assert out.returncode == 2, out.stderr[-3000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, out.stderr  # no warning lines before it
+  assert lines[0].startswith(message), lines[0]
+
+
+# Issue 26, case 11: an evaluation batch beyond the test set or the memory.
+def test_eval_batch_is_at_most_the_evaluated_set(data_dir, tmp_path):
+  config = _config(data_dir, label_noise=0.0, num_train_steps=2)
+  results = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  huge = _config(data_dir, label_noise=0.0, num_train_steps=2,
+                 eval_batch_size=8 * 10**8)
+  assert train.build(huge).data.eval_batch_size == 40  # the 40 test images
+  again = train.train_and_evaluate(huge, str(tmp_path / 'b'))
+  assert again['head_test_errors'] == results['head_test_errors']
+
+
+def test_steps_that_do_not_fit_in_memory_are_refused():
+  class Compiled:
+    def memory_analysis(self):
+      return types.SimpleNamespace(
+          argument_size_in_bytes=2**60, output_size_in_bytes=0,
+          temp_size_in_bytes=0, alias_size_in_bytes=0)
+  with pytest.raises(errors.ConfigError, match=r'config.eval_batch_size: 10 '
+                     r'needs 1073741824.0 GiB per device for evaluation but a '
+                     r'device has .* GiB; lower it'):
+    steps.check_memory(Compiled(), 'eval_batch_size', 10, 'evaluation')
+  Compiled.memory_analysis = lambda self: types.SimpleNamespace(
+      argument_size_in_bytes=2**20, output_size_in_bytes=0,
+      temp_size_in_bytes=0, alias_size_in_bytes=0)
+  steps.check_memory(Compiled(), 'eval_batch_size', 10, 'evaluation')
+
+
+# ----------------------------------------------------------------------------
+# 5b. Workdirs on object stores (issue 23): gs:// through etils.epath.
+
+
+@pytest.fixture
+def object_store(monkeypatch):
+  """gs:// served from memory: fsspec's memory filesystem through epath.
+
+  epath reaches gs:// through tf.io.gfile when TensorFlow is installed and
+  through fsspec otherwise; here fsspec, with the memory filesystem standing
+  for gcsfs. Orbax writes arrays with tensorstore's own GCS driver, which
+  nothing here can stand in for, so checkpoints are not written to it.
+  """
+  from etils.epath import backend
+  from etils.epath import gpath
+  import fsspec
+  from fsspec.implementations import memory
+
+  class Bucket(memory.MemoryFileSystem):
+    protocol = ('gs', 'gcs')
+    store = {}
+    pseudo_dirs = ['']
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      del finalize_on_close  # epath's argument for gcsfs
+      super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      for prefix in ('gs://', 'gcs://'):
+        if path.startswith(prefix):
+          path = path[len(prefix):]
+      return super()._strip_protocol(path)
+
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  saved = {k: fsspec.registry.get(k) for k in ('gs', 'gcs')}
+  for name in ('gs', 'gcs'):
+    fsspec.register_implementation(name, Bucket, clobber=True)
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  yield Bucket.store
+  for name, cls in saved.items():
+    if cls is not None:
+      fsspec.register_implementation(name, cls, clobber=True)
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def _events(path):
+  """The TensorBoard events of an event file (the TFRecord framing read by hand)."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data, pos, out = path.read_bytes(), 0, []
+  while pos < len(data):
+    n = int.from_bytes(data[pos:pos + 8], 'little')
+    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]))
+    pos += 12 + n + 4
+  return out
+
+
+def test_workdir_records_and_logs_on_an_object_store(object_store, data_dir,
+                                                      tmp_path, monkeypatch):
+  """config.json, data.json, metrics.jsonl, TensorBoard, results.json on gs://."""
+  monkeypatch.chdir(tmp_path)
+  workdir = fs.path('gs://bucket/run')
+  assert not fs.is_local(workdir) and fs.orbax_dir(workdir) == 'gs://bucket/run'
+  config = _config(data_dir)
+  fingerprint = {'dataset': 'fashion_mnist_local', 'train_sha256': 'abc'}
+  assert checkpointing.check_workdir(config, workdir, fingerprint) == {}
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointing.record_config(workdir, config, fingerprint)
+  assert checkpointing.check_workdir(config, workdir, fingerprint) == {}
+  with pytest.raises(errors.WorkdirError, match='different config'):
+    checkpointing.check_workdir(_config(data_dir, seed=1), workdir, fingerprint)
+  with pytest.raises(errors.WorkdirError, match='trained on other data'):
+    checkpointing.check_workdir(config, workdir, {**fingerprint,
+                                                  'train_sha256': 'def'})
+  writer = logging_utils.MetricWriter(workdir)
+  for step in (1, 2, 3):
+    writer.write(step, {'loss': 1.0 / step}, 'train')
+  writer.write(3, {'error': 10.0}, 'eval')
+  writer.close()
+  checkpointing.forget_logs_after(workdir, 2, num_steps=3)
+  logged = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['kind']) for r in logged] == [(1, 'train'), (2, 'train')]
+  (events_file,) = list((workdir / 'tensorboard').iterdir())
+  events = _events(events_file)
+  assert events[0].file_version == 'brain.Event:2'
+  assert [(e.step, e.summary.value[0].tag) for e in events[1:]] == [
+      (1, 'train/loss'), (2, 'train/loss'), (3, 'train/loss'), (3, 'eval/error')]
+  fs.write_json_atomic(workdir / 'results.json', {'head_1_test_error': 12.5})
+  assert checkpointing.finished_results(workdir) == {'head_1_test_error': 12.5}
+  assert sorted(p.name for p in workdir.iterdir()) == [
+      'config.json', 'data.json', 'metrics.jsonl', 'results.json', 'tensorboard']
+  assert os.listdir(tmp_path) == []  # nothing local, no folder named 'gs:'
+  assert '/bucket/run/config.json' in object_store
+
+
+def test_lock_object_on_an_object_store(object_store):
+  workdir = fs.path('gs://bucket/locked')
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir / 'trainer.lock'
+  with fs.workdir_lock(workdir):
+    owner = json.loads(lock.read_text())
+    assert (owner['pid'], owner['host']) == (os.getpid(), socket.gethostname())
+    with pytest.raises(errors.WorkdirError, match=(
+        f'workdir gs://bucket/locked is in use by another trainer \\(pid '
+        f'{os.getpid()} on host {socket.gethostname()}, since ')):
+      with fs.workdir_lock(workdir):
+        pass
+  assert not lock.exists()  # released when the run ended
+  # Left behind by a trainer killed on another machine: refused, unless the
+  # user says the owner is gone.
+  lock.write_text(json.dumps({'host': 'tpu-worker-7', 'pid': 4242, 'start': 0}))
+  with pytest.raises(errors.WorkdirError, match=(
+      r'pid 4242 on host tpu-worker-7, since .*If that trainer is gone .* rerun '
+      'with --break_lock')) as e:
+    with fs.workdir_lock(workdir):
+      pass
+  assert '\n' not in str(e.value)
+  with fs.workdir_lock(workdir, break_lock=True):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+  # Left by a process of this host that has ended: taken over.
+  ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+  ended.wait()
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': ended.pid}))
+  with fs.workdir_lock(workdir):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+
+
+@pytest.mark.parametrize('workdir,message', [
+    ('s3://bucket/run', 'workdir s3://bucket/run: the s3:// scheme is not '
+     'supported (orbax writes checkpoints to local paths and gs:// only)'),
+    ('memory://run', 'the memory:// scheme is not supported'),
+    ('gs:/bucket/run', 'workdir gs:/bucket/run is not a gs:// URL; write '
+     'gs://BUCKET/PATH'),
+    ('gs://', 'workdir gs:// is not a gs:// URL')])
+def test_workdir_url_that_cannot_work_is_one_line(data_dir, tmp_path,
+                                                  monkeypatch, workdir, message):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(errors.WorkdirError) as e:
+    train.train_and_evaluate(_config(data_dir), workdir)
+  assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+  assert os.listdir(tmp_path) == []  # no local folder named after the scheme
+
+
 # ----------------------------------------------------------------------------
 # 6. Bad input: one clear line, no traceback. (tests/test_train.py has 9 more
 # CLI cases: splits out of range, 1 branch, batch over devices, unknown method,
@@ -489,6 +863,14 @@ def _write_bad_data(d, kind):
     testutil.write_idx(str(d / 'train-labels-idx1-ubyte.gz'), np.zeros(31), 2049)
   elif kind == 'not_gzip':
     images.write_bytes(b'this is not gzip data')
+  elif kind == 'corrupt_deflate':  # a valid gzip header, garbage after it
+    data = bytearray(images.read_bytes())
+    data[30:38] = bytes(b ^ 0xFF for b in data[30:38])
+    images.write_bytes(bytes(data))
+  elif kind == 'empty_test':
+    testutil.write_idx(str(d / 't10k-images-idx3-ubyte.gz'),
+                       np.zeros((0, 12, 12)), 2051)
+    testutil.write_idx(str(d / 't10k-labels-idx1-ubyte.gz'), np.zeros(0), 2049)
 
 
 BAD_CONFIGS = [
@@ -570,6 +952,42 @@ BAD_CONFIGS = [
      'config.label_smoothing: label smoothing epsilon=1.0 must be in [0, 1)'),
     ({'train_subset': 1000}, errors.DatasetError,
      'train_subset=1000 but the training set has 96 examples'),
+    # In range, but meaningless together (issue 26: 8, 9, 14, 21).
+    ({'augment_pad': 100000}, errors.ConfigError,
+     'config.augment_pad: 100000 is more than half the 12x12 images (at most '
+     '6): the random crops would be mostly black padding'),
+    ({'model.kwargs': {'width': 16}}, errors.ConfigError,
+     'config.model.kwargs.width: 16, but network tiny_resnet is defined with '
+     'width=4 (cifar_resnet8 is the same network with width free): pass '
+     '--config.model.kwargs.width=4'),
+    ({'model.kwargs': {'growth_rate': 12}}, errors.ConfigError,
+     "config.model.kwargs.growth_rate: network tiny_resnet has no "
+     "hyper-parameter 'growth_rate'; its own are: none"),
+    ({'model.name': 'cifar_resnet8', 'model.kwargs': {'depth': 20}},
+     errors.ConfigError, "config.model.kwargs.depth: network cifar_resnet8 has "
+     "no hyper-parameter 'depth'; its own are: width"),
+    ({'model.dtype': 'float8_e4m3fn'}, errors.ConfigError,
+     "config.model.dtype: 'float8_e4m3fn' cannot be computed in; use one of "
+     'float32, bfloat16, float16'),
+    ({'model.dtype': 'float64'}, errors.ConfigError,
+     "config.model.dtype: 'float64' cannot be computed in"),
+    ({'train_subset': 1}, errors.ConfigError,
+     'config.train_subset: 1 keeps 1 class(es) of 10 in its 1 training '
+     'examples: a classifier needs examples of at least 2'),
+    ({'warmup_epochs': 3.0}, errors.ConfigError,
+     "config.warmup_epochs: 3.0 epochs are 18 steps of warm-up, not fewer than "
+     "the run's 16 steps"),
+    ({'temperature': 1e-40}, errors.ConfigError,
+     'config.temperature: 1e-40 is outside [0.01, 100]'),
+    ({'temperature': 1e30}, errors.ConfigError,
+     'config.temperature: 1e+30 is outside [0.01, 100]'),
+    ({'unlabeled_weight': 1e38}, errors.ConfigError,
+     'config.unlabeled_weight: 1e+38 must be in [0, 1000]'),
+    ({'max_divergent_steps': -1}, errors.ConfigError,
+     'config.max_divergent_steps: -1 must be >= 0'),
+    ({'labeled_per_class': 5, 'unlabeled_rampup_epochs': 100.0},
+     errors.ConfigError, "config.unlabeled_rampup_epochs: 100.0 epochs are 600 "
+     "steps of ramp-up, more than the run's 16 steps"),
 ]
 BAD_DATA = [  # regular expressions
     ('truncated', r'train-images-idx3-ubyte.gz is truncated \(4508 data bytes '
@@ -579,6 +997,10 @@ BAD_DATA = [  # regular expressions
      r'\(12, 12, 1\)'),
     ('count', 'train files in .* disagree: 32 images but 31 labels'),
     ('not_gzip', 'cannot read IDX file .*train-images-idx3-ubyte.gz'),
+    # Issue 26, 13 and 12.
+    ('corrupt_deflate', r'cannot read IDX file .*train-images-idx3-ubyte.gz '
+     r'\(Error -3 while decompressing data'),
+    ('empty_test', 'fashion_mnist_local: the test set has no examples'),
 ]
 
 
@@ -647,9 +1069,9 @@ def test_workdir_json_is_strict(tmp_path):
   """config.json, run_info.json, results.json: never NaN or Infinity."""
   path = tmp_path / 'config.json'
   with pytest.raises(ValueError, match='not JSON compliant'):
-    logging_utils.write_json_atomic(str(path), {'lr': math.nan})
+    fs.write_json_atomic(str(path), {'lr': math.nan})
   assert os.listdir(tmp_path) == []  # nothing, not even a temporary file
-  logging_utils.write_json_atomic(str(path), {'lr': 0.1})
+  fs.write_json_atomic(str(path), {'lr': 0.1})
   assert json.loads(path.read_text()) == {'lr': 0.1}
 
 
@@ -682,7 +1104,7 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(data_dir, tmp_path,
                             '(No space left on device): free some space'), message
   assert '\n' not in message and not (workdir / 'results.json').exists()
   monkeypatch.undo()
-  with checkpointing.workdir_lock(str(workdir)):  # released
+  with fs.workdir_lock(str(workdir)):  # released
     pass
   assert train.train_and_evaluate(config, str(workdir))['steps'] == 4
   assert [r['step'] for r in _train_records(workdir)] == [1, 2, 3, 4]
@@ -762,13 +1184,27 @@ CLI_CASES = [
      'config.eval_batch_size: 4 does not divide over 8 devices'),
     (['--config={tmp}/ok.py', W, '--config.seed', '1', '--config.seed=2'],
      '--config.seed is given 2 times; give it once, as --config.seed=VALUE'),
+    # Issue 26, 19 and 20: a misspelt key is named as the flag; --config twice.
+    (['--config={tmp}/ok.py', W, '--config.batchsize=32'],
+     "--config.batchsize: the config of {tmp}/ok.py has no key 'batchsize' "
+     "(did you mean 'batch_size'?)"),
+    (['--config={tmp}/ok.py', '--config={tmp}/raises.py', W],
+     '--config is given 2 times; give one config file'),
+    # Issue 23: a URL scheme the workdir cannot be on (no local folder 'foo:').
+    (['--config={tmp}/ok.py', '--workdir=foo://bucket/run'],
+     'workdir foo://bucket/run: the foo:// scheme is not supported'),
+    # TensorFlow's C++ start-up lines must not come before the error.
+    (['--config={tmp}/ok.py', W, '--config.dataset=cifar10',
+      '--config.data_dir={tmp}/nodata'],
+     'tfds dataset cifar10 not found in {tmp}/nodata'),
 ]
 
 
 @pytest.mark.parametrize('args,message', CLI_CASES,
                          ids=['missing', 'syntax', 'raises', 'none', 'type',
                               'literal', 'positional', 'no_workdir',
-                              'empty_workdir', 'repeated', 'repeated_spaced'])
+                              'empty_workdir', 'repeated', 'repeated_spaced',
+                              'typo', 'config_twice', 'scheme', 'tf_quiet'])
 def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
   _bad_config_files(tmp_path, data_dir)
   args = [a.format(tmp=tmp_path) for a in args]
@@ -779,6 +1215,7 @@ def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
   assert len(lines) == 1 and lines[0].startswith('error: '), out.stderr
   assert message.format(tmp=tmp_path) in lines[0], lines[0]
   assert not os.path.exists(tmp_path / 'run')
+  assert not glob.glob(os.path.join(REPO, '*:')), 'a folder named after a scheme'
 
 
 # ----------------------------------------------------------------------------
@@ -836,6 +1273,78 @@ def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   with open(single / 'results.json') as f1, open(multi / 'results.json') as f2:
     r1, r2 = json.load(f1), json.load(f2)
   np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
+
+
+def _launch(args, workdir, log_prefix, devices):
+  """The CLI as 2 processes of `devices` CPU devices each (jax.distributed)."""
+  port = _free_port()
+  return [_start([*args, f'--workdir={workdir}'], f'{log_prefix}_{i}',
+                 env=_env(devices=devices,
+                          JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+                          JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+          for i in range(2)]
+
+
+def _wait_all(procs, log_prefix, timeout=300):
+  try:
+    rcs = [p.wait(timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    raise
+  logs = [open(f'{log_prefix}_{i}').read() for i in range(len(procs))]
+  for rc, log in zip(rcs, logs):
+    assert rc == 0, log[-3000:]
+  return logs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
+                                                                 tmp_path):
+  """Pre-emption at any step: SIGTERM to process 1 between log steps.
+
+  2 processes x 4 CPU devices. Both save the step they agree on (JAX's
+  pre-emption sync manager) and exit 0; the rerun resumes there and ends
+  bit-identical to an uninterrupted 2-process run.
+  """
+  steps_total = 300  # one log step, the last; the signal comes long before
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=steps_total,
+                      log_every_steps=steps_total,
+                      checkpoint_every_steps=steps_total,
+                      **{'model.splits': ()})
+  args = [f'--config={cfg}']
+  full = _launch(args, tmp_path / 'full', tmp_path / 'log_full', devices=4)
+  _wait_all(full, tmp_path / 'log_full')
+
+  workdir = tmp_path / 'run'
+  procs = _launch(args, workdir, tmp_path / 'log_run', devices=4)
+  t0 = time.time()
+  while not (workdir / 'run_info.json').exists():  # written once compiled
+    assert all(p.poll() is None for p in procs), open(
+        tmp_path / 'log_run_0').read()[-3000:]
+    assert time.time() - t0 < 240
+    time.sleep(0.01)
+  time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _wait_all(procs, tmp_path / 'log_run')
+  stopped = [l for l in logs[0].splitlines() if l.startswith('pre-empted at')]
+  assert len(stopped) == 1, logs[0][-3000:]
+  step = int(stopped[0].split()[3].rstrip(';'))
+  assert 0 < step < steps_total, stopped  # not a log step, nor the last
+  config = _config(data_dir, num_train_steps=steps_total,
+                   log_every_steps=steps_total, checkpoint_every_steps=steps_total,
+                   **{'model.splits': ()})
+  with checkpointing.checkpoint_manager(str(workdir), config) as manager:
+    assert manager.all_steps() == [step]  # saved by both, at that step
+  assert not (workdir / 'results.json').exists()
+
+  rerun = _launch(args, workdir, tmp_path / 'log_rerun', devices=4)
+  logs = _wait_all(rerun, tmp_path / 'log_rerun')
+  assert f'resuming from the checkpoint at step {step}' in logs[0]
+  _assert_trees_equal(_state(workdir, config), _state(tmp_path / 'full', config))
+  with open(workdir / 'results.json') as f1, open(
+      tmp_path / 'full' / 'results.json') as f2:
+    assert json.load(f1)['head_test_errors'] == json.load(f2)['head_test_errors']
 
 
 # ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
   assert 0 <= results['head_1_test_top5_error'] <= results['head_1_test_error']
   assert results['head_1_test_top5_error'] == results['head_test_top5_errors'][0]
   assert results['versions']['jax'] == jax.__version__
+  with open(tmp_path / 'data.json') as f:  # the record names its data too
+    assert results['data_fingerprint'] == json.load(f)
   assert any(r.get('head_1/top5_error') is not None
              for r in _metrics(tmp_path, 'eval'))
   for name in ('config.json', 'run_info.json', 'metrics.jsonl', 'results.json'):
@@ -206,7 +208,7 @@ def test_cifar10_and_imagenet_on_mock_data(tmp_path):
   config.update_from_flattened_dict({
       'model.name': 'tiny_resnet50', 'image_size': 32, 'batch_size': 16,
       'eval_batch_size': 16, 'num_train_steps': 2, 'progress': False,
-      'log_every_steps': 1})
+      'log_every_steps': 1, 'warmup_epochs': 0.0})
   with tfds.testing.mock_data(num_examples=32):
     results = train.train_and_evaluate(config, str(tmp_path / 'imagenet'))
   assert results['heads'] == 4 and np.isfinite(results['head_1_test_error'])

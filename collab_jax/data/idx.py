@@ -6,6 +6,7 @@ The offline default: no network and no TensorFlow, the files read with numpy.
 import gzip
 import math
 import os
+import zlib
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def read_idx(path, *, magic):
     else:
       with open(path, 'rb') as f:
         data = f.read()
-  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
+  # gzip.BadGzipFile is an OSError; corrupt deflate data inside a valid
+  # header is a zlib.error.
+  except (OSError, EOFError, zlib.error) as e:
     raise errors.DatasetError(
         f'cannot read IDX file {path} ({e}): the file is corrupt, reinstall it '
         '(`sudo apt-get install --reinstall dataset-fashion-mnist`).') from e

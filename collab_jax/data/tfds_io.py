@@ -5,17 +5,46 @@ in it, so that tf.data never claims accelerator memory (JAX owns the
 accelerators); the offline default never imports TensorFlow.
 """
 
+import contextlib
 import functools
+import os
+import sys
+import tempfile
 
 import numpy as np
 
 from collab_jax import errors
 
 
+@contextlib.contextmanager
+def _native_stderr_to_file():
+  """Keeps what native code writes to fd 2 in the block; shown if it raises.
+
+  Loading TensorFlow prints C++ log lines (oneDNN's notice, absl's "All log
+  messages before absl::InitializeLog()") whatever TF_CPP_MIN_LOG_LEVEL
+  says; an input mistake must end in one `error:` line.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as kept:
+    os.dup2(kept.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      kept.seek(0)
+      sys.stderr.write(kept.read().decode('utf-8', 'replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 @functools.cache
 def import_tensorflow():
   """Imports TensorFlow, hiding the GPUs from it (JAX owns the accelerators)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with _native_stderr_to_file():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF was initialised elsewhere first; nothing to do.
@@ -27,7 +56,8 @@ def import_tensorflow():
 def import_tfds():
   """Imports tensorflow_datasets after TensorFlow has been set up."""
   import_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with _native_stderr_to_file():
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
 
@@ -48,6 +78,24 @@ def load_arrays(name, data_dir):
     out.append(np.concatenate([c[0] for c in chunks]))
     out.append(np.concatenate([c[1] for c in chunks]))
   return tuple(out), int(builder.info.features['label'].num_classes)
+
+
+def fingerprint(name, data_dir):
+  """What identifies a prepared tfds dataset without reading it.
+
+  Its version and, per split, the example and byte counts and the shard
+  lengths that tfds recorded when it prepared the data.
+  """
+  tfds = import_tfds()
+  info = tfds.builder(name, data_dir=data_dir).info
+  splits = {}
+  try:
+    for split_name, split in sorted(info.splits.items()):
+      splits[split_name] = [int(split.num_examples), int(split.num_bytes),
+                            [int(n) for n in split.shard_lengths]]
+  except (KeyError, ValueError, TypeError, AttributeError):
+    pass  # e.g. under tfds.testing.mock_data, whose info has no splits
+  return {'version': str(info.version), 'splits': splits}
 
 
 def not_prepared_message(name, builder):

@@ -10,6 +10,7 @@ import operator
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -84,6 +85,15 @@ def get_stages(name: str, num_classes: int, *, dtype: Any = jnp.float32,
   if not jnp.issubdtype(as_dtype, jnp.floating):
     raise ValueError(f'dtype={dtype!r} is not a floating-point dtype; use '
                      'float32 or bfloat16.')
+  # The dtypes the layers compute in: 8-bit floats have no implicit promotion
+  # with the float32 parameters, and float64 needs jax_enable_x64 (else JAX
+  # computes in float32 while the name says float64).
+  usable = ['float32', 'bfloat16', 'float16']
+  if jax.config.jax_enable_x64:
+    usable.append('float64')
+  if as_dtype.name not in usable:
+    raise ValueError(f'dtype={dtype!r} cannot be computed in; use one of '
+                     f'{", ".join(usable)}.')
   for key, value in kwargs.items():  # width, growth_rate, depth, ...: sizes
     if isinstance(value, int) and not isinstance(value, bool) and value < 1:
       raise ValueError(f'{key}={value} must be >= 1.')

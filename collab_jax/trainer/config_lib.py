@@ -72,6 +72,9 @@ def check(config):
               'max_nonfinite_streak'):
     if not _get(config, key) >= 1:
       _bad(key, f'{_get(config, key)} must be >= 1.')
+  if not config.max_divergent_steps >= 0:
+    _bad('max_divergent_steps', f'{config.max_divergent_steps} must be >= 0 (0 '
+         '= never stop for divergence).')
   # The smoothing epsilon also when the method does not use it (a value set
   # for nothing is a mistake too).
   with errors.config_keys('label_smoothing'):

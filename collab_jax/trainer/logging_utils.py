@@ -4,12 +4,15 @@ import functools
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+
+from collab_jax.trainer import fs
 
 
 def console(message):
@@ -21,7 +24,10 @@ def console(message):
 class MetricWriter:
   """Writes scalars to `metrics.jsonl` and TensorBoard events in `workdir`.
 
-  Only process 0 writes; the others get a writer that does nothing.
+  Only process 0 writes; the others get a writer that does nothing. Files go
+  through `fs` (etils.epath), so the workdir may be on gs://. TensorBoard's
+  own record writer frames the events: its `EventFileWriter` would import
+  TensorFlow (for `tf.io.gfile`), which the offline default never needs.
   """
 
   def __init__(self, workdir, enabled=True):
@@ -30,36 +36,57 @@ class MetricWriter:
     self._events = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    try:  # TensorBoard's writer without importing TensorFlow.
-      from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
-      self._events = event_file_writer.EventFileWriter(
-          os.path.join(workdir, 'tensorboard'))
+    workdir = fs.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._path = workdir / 'metrics.jsonl'
+    # Object stores have no appends: there each record reopens the object
+    # (tf.io.gfile rewrites it); a local file stays open.
+    if fs.is_local(workdir):
+      self._jsonl = self._path.open('a')
+    try:
+      from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+      from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
     except ImportError:
-      self._events = None
+      return
+    logdir = workdir / 'tensorboard'
+    logdir.mkdir(parents=True, exist_ok=True)
+    name = (f'events.out.tfevents.{int(time.time()):010d}.'
+            f'{socket.gethostname()}.{os.getpid()}.0')
+    self._events = record_writer.RecordWriter((logdir / name).open('wb'))
+    self._add_event(event_pb2.Event(wall_time=time.time(),
+                                    file_version='brain.Event:2'))
+
+  def _add_event(self, event):
+    self._events.write(event.SerializeToString())
+    self._events.flush()
 
   def write(self, step, scalars, kind='train'):
     if not self.enabled:
       return
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     record = {'step': int(step), 'kind': kind, 'time': time.time(), **scalars}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    line = json.dumps(record) + '\n'
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      with self._path.open('a') as f:
+        f.write(line)
     if self._events is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
       values = [summary_pb2.Summary.Value(tag=f'{kind}/{k}', simple_value=v)
                 for k, v in scalars.items()]
-      self._events.add_event(event_pb2.Event(
+      self._add_event(event_pb2.Event(
           wall_time=time.time(), step=int(step),
           summary=summary_pb2.Summary(value=values)))
-      self._events.flush()
 
   def close(self):
     if self._jsonl:
       self._jsonl.close()
+      self._jsonl = None
     if self._events:
       self._events.close()
+      self._events = None
 
 
 class Progress:
@@ -111,23 +138,6 @@ def _fmt_time(seconds):
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
-
-
-def write_json_atomic(path, obj):
-  """Writes strict JSON (no NaN/Infinity) to `path` via a temporary file.
-
-  Raises ValueError for a non-finite float before anything is written.
-  """
-  text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + '\n'
-  tmp = f'{path}.tmp.{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):  # e.g. a full disk: leave no half-written file
-      os.remove(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------

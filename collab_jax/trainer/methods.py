@@ -19,7 +19,6 @@ A new method is a subclass of `Method` with `@register('name')` (README,
 """
 
 import json
-import os
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
@@ -30,11 +29,17 @@ import optax
 from collab_jax import errors
 from collab_jax import losses
 from collab_jax.trainer import checkpointing
+from collab_jax.trainer import fs
 from collab_jax.trainer import logging_utils
 from collab_jax.trainer import metrics
 from collab_jax.trainer import steps
 
 REGISTRY: Dict[str, type] = {}
+TEMPERATURE_RANGE = (0.01, 100.0)
+# The unlabelled examples' consensus term against labelled losses of weight
+# <= 1: beyond a thousand times, the labels have no say left (published
+# ramp-ups end at 1 to 100).
+MAX_UNLABELED_WEIGHT = 1e3
 
 
 def register(name):
@@ -95,6 +100,7 @@ class Method:
     self.temperature = config.temperature
     self.consensus_gradient = config.consensus_gradient
     self.check(config)
+    self._check_temperature()
     # The library checks its own arguments (beta, T, ...); trace the loss once
     # so that a bad value fails now, named by its config key.
     logits = jax.ShapeDtypeStruct((num_heads, 2, 10), jnp.float32)
@@ -105,6 +111,17 @@ class Method:
 
   def check(self, config):
     """ConfigError for settings this method cannot train."""
+
+  def _check_temperature(self):
+    # Beyond these bounds the soft targets of logits of ordinary size are
+    # hard labels (small T) or flat (large T), and T^2, the soft loss's
+    # scale, is below 1e-4 or above 1e4.
+    low, high = TEMPERATURE_RANGE
+    if (isinstance(self.temperature, (int, float)) and self.temperature > 0
+        and not low <= self.temperature <= high):  # T <= 0: the loss's to refuse
+      _bad('temperature', f'{self.temperature} is outside [{low:g}, {high:g}]: '
+           'the soft targets would be hard labels (small T) or flat (large T); '
+           'the paper uses T = 2.')
 
   def loss_terms(self, logits, labels, *, labeled=None, unlabeled_weight=1.0,
                  teacher_logits=None, label_smoothing=0.0):
@@ -224,14 +241,15 @@ class Distillation(Method):
     if config.distill.teacher_workdirs:
       out = []
       for teacher_dir in config.distill.teacher_workdirs:
-        path = os.path.join(teacher_dir, 'config.json')
+        path = fs.path(teacher_dir) / 'config.json'
         try:
-          with open(path) as f:
-            out.append((ml_collections.ConfigDict(json.load(f)), teacher_dir))
-        except (OSError, ValueError) as e:
+          out.append((ml_collections.ConfigDict(json.loads(path.read_text())),
+                      teacher_dir))
+        except Exception as e:  # pylint: disable=broad-except
           raise errors.ConfigError(
-              f'config.distill.teacher_workdirs: cannot read {path} ({e}); name '
-              'the workdirs of finished collab_jax runs.') from None
+              f'config.distill.teacher_workdirs: cannot read {path} ('
+              f'{type(e).__name__}); name the workdirs of finished collab_jax '
+              'runs.') from None
       return out
     out = []
     for k in range(1, config.distill.num_teachers + 1):
@@ -241,14 +259,14 @@ class Distillation(Method):
       teacher.model.splits = ()
       teacher.seed = 1000 * (config.seed + 1) + k
       teacher.distill.teacher_workdirs = ()
-      out.append((teacher, os.path.join(workdir, 'teachers', f'teacher_{k}')))
+      out.append((teacher, fs.path(workdir) / 'teachers' / f'teacher_{k}'))
     return out
 
   def load_teachers(self, config, workdir, data, sharding):
     variables, self.teachers = [], []
     for teacher, teacher_dir in self.teacher_runs(config, workdir):
-      results = os.path.join(teacher_dir, 'results.json')
-      if not os.path.exists(results):
+      results = fs.path(teacher_dir) / 'results.json'
+      if not results.exists():
         raise errors.ConfigError(
             f'distillation: teacher run {teacher_dir} has not finished; '
             'python -m collab_jax.main trains the teachers first.')
@@ -438,8 +456,10 @@ def rampup(step, rampup_steps, kind='sigmoid'):
 
 def unlabeled_weight_fn(config, steps_per_epoch):
   """step -> weight of the unlabelled consensus term (`config.unlabeled_weight` ramped)."""
-  if not config.unlabeled_weight >= 0:
-    _bad('unlabeled_weight', f'{config.unlabeled_weight} must be >= 0.')
+  if not 0 <= config.unlabeled_weight <= MAX_UNLABELED_WEIGHT:
+    _bad('unlabeled_weight', f'{config.unlabeled_weight} must be in [0, '
+         f'{MAX_UNLABELED_WEIGHT:g}]: it weighs the consensus term of '
+         'unlabelled examples against labelled losses of weight <= 1.')
   if config.unlabeled_rampup not in RAMPUPS:
     _bad('unlabeled_rampup', f'{config.unlabeled_rampup!r} is not one of '
          f'{", ".join(RAMPUPS)}.')

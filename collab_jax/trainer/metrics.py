@@ -10,6 +10,9 @@ import jax.numpy as jnp
 
 ENSEMBLE = 'ensemble'   # the heads' mean logits, for reference only
 TEACHERS = 'teachers'   # distillation: the teachers' mean logits
+# Train metric: the share of steps whose head-1 cross-entropy was above the
+# divergence threshold (steps.DIVERGENCE_FACTOR).
+DIVERGING = 'diverging'
 
 
 def head(index: int, name: str) -> str:

@@ -109,6 +109,7 @@ def base_config():
   c.keep_checkpoints = 3
   c.halt_after_steps = -1          # >0: checkpoint and stop at this step (rerun to go on)
   c.max_nonfinite_streak = 20      # stop after this many consecutive skipped updates (checked on log steps: reading the on-device streak every step would stall dispatch; a run with every update skipped never writes results)
+  c.max_divergent_steps = 20       # stop after this many steps in a row (whole log windows) with head 1's training cross-entropy above 10 log(C); 0 = never (trainer/train.py)
   c.allow_config_change = False    # continue a workdir made by a different config
   c.progress = True                # console progress line
   return c

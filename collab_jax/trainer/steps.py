@@ -10,7 +10,9 @@ BatchNorm). Metrics leave the steps as (sum, count) pairs (`metrics`).
 """
 
 import functools
+import inspect
 import math
+import os
 from typing import Any
 
 import flax
@@ -27,6 +29,9 @@ from collab_jax.trainer import metrics
 from collab_jax.trainer import parallel
 
 LR_SCHEDULES = ('step', 'cosine', 'constant')
+# A step diverges when head 1's cross-entropy with its labels is above this
+# many times log(C) nats, that of a uniform guess over C classes.
+DIVERGENCE_FACTOR = 10.0
 
 
 # ----------------------------------------------------------------------------
@@ -37,13 +42,49 @@ def _bad(key, msg):
   raise errors.ConfigError(f'config.{key}: {msg}')
 
 
+def _network_kwargs(name, kwargs):
+  """Checks `model.kwargs` against network `name`; returns the preset clashes.
+
+  Keys that are no hyper-parameter of the network are refused at once. A
+  preset fixes some (`tiny_resnet` is `cifar_resnet8` with `width=4`):
+  another value there would build another network under the preset's name;
+  those clashes are returned as ConfigErrors, to raise once the values
+  themselves have been checked.
+  """
+  net = models.NETWORKS.get(name)
+  if not isinstance(net, functools.partial):
+    return []  # unknown names are get_stages' to refuse
+  fixed = net.keywords
+  free = [p.name for p in inspect.signature(net.func).parameters.values()
+          if p.kind == p.KEYWORD_ONLY and p.name != 'dtype'
+          and p.name not in fixed]
+  clashes = []
+  for key, value in kwargs.items():
+    if key not in fixed and key not in free:
+      _bad(f'model.kwargs.{key}', f'network {name} has no hyper-parameter '
+           f'{key!r}; its own are: {", ".join(free) or "none"}.')
+    if key in fixed and fixed[key] != value:
+      same = [n for n, f in models.NETWORKS.items()
+              if isinstance(f, functools.partial) and f.func is net.func
+              and f.args == net.args and key not in f.keywords]
+      other = f' ({same[0]} is the same network with {key} free)' if same else ''
+      clashes.append(errors.ConfigError(
+          f'config.model.kwargs.{key}: {value!r}, but network {name} is '
+          f'defined with {key}={fixed[key]!r}{other}: pass --config.model.'
+          f'kwargs.{key}={fixed[key]!r} or choose another network.'))
+  return clashes
+
+
 def create_model(config, num_classes):
   """The head tree of `config.model` for `num_classes` classes."""
   m = config.model
   kwargs = dict(m.get('kwargs', {}))
+  clashes = _network_kwargs(m.name, kwargs)
   with errors.config_keys('model.kwargs', name='model.name', dtype='model.dtype',
                           **{k: f'model.kwargs.{k}' for k in kwargs}):
     stages = models.get_stages(m.name, num_classes, dtype=m.dtype, **kwargs)
+  if clashes:
+    raise clashes[0]
   with errors.config_keys('model.splits', splits='model.splits',
                           rescale='model.rescale',
                           branch_impl='model.branch_impl'):
@@ -196,6 +237,10 @@ def augment_key(seed, step):
 def head_metrics(logits, labels, parts, loss, labeled=None):
   """Train metrics as (sum, count) pairs; errors on labelled examples."""
   out = {'loss': metrics.pair(loss, 1)}
+  # The divergence rule (train.py): head 1's cross-entropy with the labels
+  # above ten times that of a uniform guess, log(C) nats.
+  threshold = DIVERGENCE_FACTOR * math.log(logits.shape[-1])
+  out[metrics.DIVERGING] = metrics.pair(parts['hard'][0] > threshold, 1)
   wrong = jnp.argmax(logits, -1) != labels[None]
   if labeled is None:
     num_wrong, batch = jnp.sum(wrong, axis=1), labels.shape[0]
@@ -368,3 +413,48 @@ def make_eval_step(placement, *, model, method, preprocess):
                                    preprocess=preprocess),
                  in_shardings=(replicated, placement.batch, replicated),
                  out_shardings=replicated)
+
+
+def eval_batch_spec(train_batch, eval_batch_size, placement):
+  """Shapes of an evaluation batch of `eval_batch_size` (a global batch), to
+  compile the eval step before the first evaluation."""
+  image = train_batch['image']
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                   sharding=placement.batch)
+  return {'image': spec((eval_batch_size,) + image.shape[1:], image.dtype),
+          'label': spec((eval_batch_size,), jnp.int32),
+          'mask': spec((eval_batch_size,), jnp.float32)}
+
+
+def _device_memory():
+  """Bytes a device can hold: the accelerator's limit, or on CPU the host's
+  memory shared by its devices; None where unknown."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  if device.platform == 'cpu':
+    try:
+      total = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError):
+      return None
+    return total // jax.local_device_count()
+  return None
+
+
+def check_memory(compiled, key, value, what):
+  """ConfigError when a compiled step needs more memory than a device has.
+
+  XLA's own count (`memory_analysis`: arguments, outputs and temporaries;
+  the CPU backend reports no temporaries) against `_device_memory`.
+  """
+  try:
+    mem = compiled.memory_analysis()
+    need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return  # a backend that does not say
+  have = _device_memory()
+  if have and need > have:
+    _bad(key, f'{value} needs {need / 2**30:.1f} GiB per device for '
+         f'{what} but a device has {have / 2**30:.1f} GiB; lower it.')
