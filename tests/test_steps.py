@@ -3,9 +3,11 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from collab_jax.trainer import parallel
 from collab_jax.trainer import steps
 import test_methods
 import testutil
@@ -52,3 +54,38 @@ def test_loss_rescale_ablation_reaches_the_step_from_the_config(data_dir):
     _, metrics = jax.jit(test_methods._step(built))(state, batch)  # pylint: disable=protected-access
     losses[mode] = float(metrics['loss'][0])
   assert losses['loss'] == pytest.approx(losses['none'] / 2, rel=1e-6)
+
+
+def test_cpu_only_choices_are_not_applied_on_gpu_or_tpu():
+  """Barriers and XLA:CPU options on CPU only; 'auto' per platform."""
+  cpu = steps.backend_choices('cpu')
+  assert cpu['compiler_options'] and cpu['barriers']
+  assert (cpu['dtype'], cpu['branch_impl']) == ('float32', 'loop')
+  for platform in ('gpu', 'tpu'):
+    choices = steps.backend_choices(platform)
+    assert choices['compiler_options'] == {} and not choices['barriers']
+    assert choices['dtype'] == 'bfloat16'
+  config = testutil.tiny_config('', **{'model.dtype': 'auto',
+                                       'model.branch_impl': 'auto'})
+  assert steps.create_model(config, 10, 'gpu').stages[0].keywords['dtype'] == jnp.bfloat16
+  assert steps.create_model(config, 10, 'cpu').stages[0].keywords['dtype'] == jnp.float32
+  assert steps.create_model(config, 10).branch_impl == 'loop'
+
+
+def test_barriers_are_traced_only_when_asked(data_dir):
+  """The step's program holds optimisation barriers on CPU, none otherwise."""
+  config = testutil.tiny_config(data_dir, augment=False)
+  built, state, batch = test_methods._setup(config)  # pylint: disable=protected-access
+  placement = parallel.data_parallel(jax.devices()[:1])
+  texts = {}
+  for barriers in (True, False):
+    step = steps.make_train_step(
+        placement, model=built.model, tx=built.tx, method=built.method,
+        preprocess=built.data.preprocess, seed=0, barriers=barriers)
+    texts[barriers] = step.lower(state, batch, {}).as_text()
+  assert 'optimization_barrier' in texts[True]
+  assert 'optimization_barrier' not in texts[False]
+  default = steps.make_train_step(
+      placement, model=built.model, tx=built.tx, method=built.method,
+      preprocess=built.data.preprocess, seed=0)
+  assert 'optimization_barrier' in default.lower(state, batch, {}).as_text()  # CPU

@@ -19,6 +19,7 @@ from collab_jax.models.cifar_resnet import cifar_resnet
 from collab_jax.models.densenet import densenet
 from collab_jax.models.imagenet_resnet import imagenet_resnet
 from collab_jax.models.layers import compiler_options
+from collab_jax.models.layers import optimization_barriers
 from collab_jax.models.vit import vit
 
 NETWORKS = {

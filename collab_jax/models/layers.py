@@ -60,6 +60,27 @@ def partial_stage(cls, **kwargs):
   return functools.partial(cls, **kwargs)
 
 
+# Whether `materialize` emits optimisation barriers: a CPU-only choice, set
+# by the trainer's step builder for the platform it compiles for.
+_BARRIERS = contextvars.ContextVar('optimization_barriers', default=False)
+
+
+@contextlib.contextmanager
+def optimization_barriers(enabled=True):
+  """`materialize` traced inside this call emits barriers (if `enabled`).
+
+  Outside it (the default, e.g. a HeadTree in another project) `materialize`
+  is the identity and XLA fuses as it chooses. The trainer traces its steps
+  inside it on CPU only, where the barriers were measured to pay
+  (`compiler_options('cpu')` keeps them); on GPU and TPU it does not.
+  """
+  token = _BARRIERS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _BARRIERS.reset(token)
+
+
 def materialize(x):
   """Marks a residual-block output as a value to store, not to recompute.
 
@@ -71,11 +92,12 @@ def materialize(x):
   stops the duplication. The value is exact either way (a barrier is the
   identity). XLA:CPU removes barriers before fusion unless the step is
   compiled with `compiler_options(platform)`, so without them nothing
-  changes; a backend that keeps barriers only stops fusing across a value
-  that is stored anyway (the next convolution's input). Measured on CPU
-  only (experiments/results/bench.md).
+  changes. Barriers are emitted only inside `optimization_barriers()`, which
+  the trainer opens on CPU only: on GPU and TPU nothing was measured, and
+  there XLA keeps barriers, which would stop its own fusion choices.
+  Measured on CPU (experiments/results/bench.md).
   """
-  return jax.lax.optimization_barrier(x)
+  return jax.lax.optimization_barrier(x) if _BARRIERS.get() else x
 
 
 # XLA:CPU (jaxlib 0.12) runs convolutions, the weight-gradient ones among

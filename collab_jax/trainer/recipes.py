@@ -64,8 +64,8 @@ def base_config():
   c.model.kwargs = ml_collections.ConfigDict({'width': 16})  # network hyper-parameters
   c.model.splits = ((1, 2), (2, 2))  # ((stage_index, branches), ...); () = single model
   c.model.rescale = 'backprop'     # backprop|none|loss (paper Table 3)
-  c.model.branch_impl = 'loop'     # loop (branches in sequence) | vmap (batched); see bench
-  c.model.dtype = 'float32'        # computation dtype; 'bfloat16' for mixed precision
+  c.model.branch_impl = 'loop'     # loop (branches in sequence) | vmap (batched) | auto (per platform); see bench
+  c.model.dtype = 'float32'        # computation dtype; 'bfloat16' for mixed precision; auto: bfloat16 on GPU/TPU
   c.model.remat = False            # rematerialise every stage (HeadTree.remat): less memory, more compute
   # Method and loss.
   c.method = 'collaborative'       # collaborative|label_smoothing|distillation|alternating|mean_teacher
@@ -128,6 +128,7 @@ def cifar(dataset, network, graph, **overrides):
   c.dataset = dataset
   c.model.name = network
   c.model.kwargs = ml_collections.ConfigDict()
+  c.model.branch_impl = 'auto'  # per platform (steps.PLATFORM_DEFAULTS)
   c.lr_schedule = 'step'
   c.eval_every_epochs = 5.0
   c.checkpoint_every_steps = 2000
@@ -154,7 +155,12 @@ def imagenet(graph, **overrides):
   c.dataset = 'imagenet2012'
   c.model.name = 'resnet50'
   c.model.kwargs = ml_collections.ConfigDict()
-  c.augment = False  # done by the tf.data pipeline (random resized crop)
+  # bfloat16 computation on GPU/TPU (float32 parameters, optimizer state,
+  # BatchNorm statistics, losses and metrics), float32 on CPU; branches per
+  # platform (steps.PLATFORM_DEFAULTS).
+  c.model.dtype = 'auto'
+  c.model.branch_impl = 'auto'
+  c.augment = False  # done by the input pipeline (random resized crop)
   c.batch_size = 256
   c.eval_batch_size = 256
   c.lr_scaling_batch = 256

@@ -75,14 +75,52 @@ def _network_kwargs(name, kwargs):
   return clashes
 
 
-def create_model(config, num_classes):
-  """The head tree of `config.model` for `num_classes` classes."""
+# What `model.dtype='auto'` and `model.branch_impl='auto'` mean per platform.
+# CPU: float32 (bfloat16 measured 1.05x the time there) and branches in a loop
+# (vmapped convolutions become grouped convolutions, 10.3x slower on XLA:CPU);
+# experiments/results/bench.md. GPU/TPU: bfloat16 computation with float32
+# parameters, as ImageNet ResNet-50 is trained on them; branches in a loop
+# until `make bench-device` measures vmap against it on the device.
+PLATFORM_DEFAULTS = {
+    'cpu': {'dtype': 'float32', 'branch_impl': 'loop'},
+    'gpu': {'dtype': 'bfloat16', 'branch_impl': 'loop'},
+    'tpu': {'dtype': 'bfloat16', 'branch_impl': 'loop'},
+}
+
+
+def backend_choices(platform):
+  """Every per-platform performance choice of the trainer, in one dict.
+
+  `compiler_options` and `barriers` (the residual blocks' optimisation
+  barriers) are CPU-only tricks; `dtype` and `branch_impl` are what 'auto'
+  means for `model.dtype` and `model.branch_impl`.
+  """
+  return {'compiler_options': models.compiler_options(platform),
+          'barriers': platform == 'cpu',
+          **PLATFORM_DEFAULTS.get(platform, PLATFORM_DEFAULTS['cpu'])}
+
+
+def resolve_auto(key, value, platform=None):
+  """`value` of `model.<key>`, with 'auto' replaced by the platform's default."""
+  if value != 'auto':
+    return value
+  return backend_choices(platform or jax.default_backend())[key]
+
+
+def create_model(config, num_classes, platform=None):
+  """The head tree of `config.model` for `num_classes` classes on `platform`.
+
+  `platform` (default: JAX's default backend) resolves the 'auto' values of
+  `model.dtype` and `model.branch_impl` (`PLATFORM_DEFAULTS`).
+  """
   m = config.model
   kwargs = dict(m.get('kwargs', {}))
   clashes = _network_kwargs(m.name, kwargs)
+  dtype = resolve_auto('dtype', m.dtype, platform)
+  branch_impl = resolve_auto('branch_impl', m.branch_impl, platform)
   with errors.config_keys('model.kwargs', name='model.name', dtype='model.dtype',
                           **{k: f'model.kwargs.{k}' for k in kwargs}):
-    stages = models.get_stages(m.name, num_classes, dtype=m.dtype, **kwargs)
+    stages = models.get_stages(m.name, num_classes, dtype=dtype, **kwargs)
   if clashes:
     raise clashes[0]
   with errors.config_keys('model.splits', splits='model.splits',
@@ -90,7 +128,7 @@ def create_model(config, num_classes):
                           branch_impl='model.branch_impl'):
     return heads_lib.HeadTree(
         stages, heads_lib.validate_splits(m.splits, len(stages)),
-        rescale=m.rescale, branch_impl=m.branch_impl,
+        rescale=m.rescale, branch_impl=branch_impl,
         remat=m.get('remat', False))
 
 
@@ -181,23 +219,29 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-def create_train_state(rng, model, image_shape, tx, init_opt_state=None):
-  """Initial parameters, BatchNorm statistics and optimizer state.
+def create_train_state(rng, model, image_shape, tx, init_opt_state=None,
+                       sharding=None):
+  """Initial parameters, BatchNorm statistics and optimizer state, as one program.
 
   `init_opt_state(tx, params)`: the method's (e.g. one state per head);
-  default `tx.init(params)`.
+  default `tx.init(params)`. `sharding`: where the state is created (e.g.
+  replicated over the mesh), so that no host copy of it is ever made.
   """
-  dummy = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
-  params = variables['params']
-  opt_state = (init_opt_state(tx, params) if init_opt_state
-               else tx.init(params))
-  # Separate buffers: they are donated to the train step one by one.
-  zero = lambda: jnp.zeros((), jnp.int32)
-  return TrainState(step=zero(), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=opt_state, nonfinite_streak=zero(),
-                    nonfinite_total=zero())
+  dummy = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros(dummy.shape, dummy.dtype), train=False)
+    params = variables['params']
+    opt_state = (init_opt_state(tx, params) if init_opt_state
+                 else tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=opt_state, nonfinite_streak=zero,
+                      nonfinite_total=zero)
+
+  # Every output is a buffer of its own (the step donates them one by one).
+  return jax.jit(init, out_shardings=sharding)(rng)
 
 
 def load_run_variables(workdir, config, num_classes, image_shape, *, method,
@@ -381,7 +425,8 @@ def eval_step(state, batch, teacher_vars=None, *, model, method, preprocess):
 
 
 def make_train_step(placement, *, model, tx, method, preprocess, seed,
-                    unlabeled_weight_fn=None, compiler_options=None):
+                    unlabeled_weight_fn=None, compiler_options=None,
+                    barriers=None):
   """The method's train step jitted over `placement` (`parallel.DataParallel`).
 
   The batch is sharded on the mesh's batch axis, the state and the teacher
@@ -389,19 +434,31 @@ def make_train_step(placement, *, model, tx, method, preprocess, seed,
 
   Args:
     compiler_options: XLA options; None for `models.compiler_options` of the
-      mesh's platform (what this repository recommends).
+      mesh's platform (what this repository recommends: options on CPU only).
+    barriers: trace the residual blocks' optimisation barriers
+      (`models.layers.materialize`); None: on CPU only, where they pay.
 
   Returns:
     `step(state, batch, teacher_vars) -> (state, metrics)`.
   """
+  fn = method.train_step or train_step
   step = functools.partial(
-      method.train_step or train_step, model=model, tx=tx,
-      preprocess=preprocess, seed=seed, unlabeled_weight_fn=unlabeled_weight_fn,
+      fn, model=model, tx=tx, preprocess=preprocess, seed=seed,
+      unlabeled_weight_fn=unlabeled_weight_fn,
       **({} if method.train_step else {'method': method}))
+  choices = backend_choices(placement.platform)
   if compiler_options is None:
-    compiler_options = models.compiler_options(placement.platform)
+    compiler_options = choices['compiler_options']
+  if barriers is None:
+    barriers = choices['barriers']
+
+  @functools.wraps(fn)
+  def traced(*args):  # runs when jit traces: the barriers' switch is read then
+    with models.optimization_barriers(barriers):
+      return step(*args)
+
   replicated = placement.replicated
-  return jax.jit(step, in_shardings=(replicated, placement.batch, replicated),
+  return jax.jit(traced, in_shardings=(replicated, placement.batch, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,),
                  compiler_options=compiler_options or None)
 

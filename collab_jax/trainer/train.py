@@ -183,7 +183,8 @@ def _train(config, workdir, built, config_changes):
 
   def init():
     return steps.create_train_state(streams.init_key(config.seed), model,
-                                    data.image_shape, tx, method.init_opt_state)
+                                    data.image_shape, tx, method.init_opt_state,
+                                    sharding=placement.replicated)
   try:
     state, restored_step = checkpointing.restore_latest(
         manager, jax.eval_shape(init), sharding=placement.replicated,
@@ -191,8 +192,11 @@ def _train(config, workdir, built, config_changes):
   except errors.WorkdirError:
     manager.close()
     raise
+  init_s = None
   if state is None:
-    state = init()
+    t_init = time.time()
+    state = jax.block_until_ready(init())
+    init_s = time.time() - t_init  # compiling and running the initialisation
     if is_main:
       checkpointing.record_config(workdir, config, data.fingerprint)
   else:
@@ -236,11 +240,15 @@ def _train(config, workdir, built, config_changes):
   run_info = {'devices': jax.device_count(), 'processes': jax.process_count(),
               'platform': jax.devices()[0].platform,
               'device_kind': jax.devices()[0].device_kind,
+              'model_dtype': steps.resolve_auto('dtype', config.model.dtype,
+                                                placement.platform),
+              'branch_impl': model.branch_impl,
               'global_batch': config.batch_size, 'heads': model.num_heads,
               'steps_per_epoch': per_epoch, 'num_train_steps': num_steps,
               'train_examples': data.num_train,
               'data_fingerprint': data.fingerprint,
               'compile_s': compile_s,
+              'init_s': init_s,
               **logging_utils.compiled_stats(compiled),
               **logging_utils.provenance()}
   if is_main:
