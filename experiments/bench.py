@@ -34,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -90,8 +91,9 @@ def make_run_config(batch=128, network=None):
   """`make run`'s training (configs/default.py: Fashion-MNIST ResNet-8 tree)."""
   c = recipes.base_config()
   c.batch_size = batch
-  if network:
+  if network:  # another network: its own hyper-parameters, not ResNet-8's width
     c.model.name = network
+    c.model.kwargs = ml_collections.ConfigDict()
   return c
 
 

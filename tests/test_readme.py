@@ -57,6 +57,7 @@ def test_new_method_snippet_registers_and_trains(tmp_path):
   # Tiny sizes; its method and a 4-head tree (with 2 heads the other heads'
   # mean probability is the other head's own, the collaborative target).
   tiny.model.splits = ((1, 2), (2, 2))
+  config.model.kwargs = tiny.model.kwargs  # tiny_resnet's own (no width)
   config.update(tiny.to_dict(), method=config.method)
   assert config.method == 'prob_consensus'
   built = train.build(config)

@@ -34,6 +34,11 @@ from collab_jax.trainer import parallel
 from collab_jax.trainer import steps
 from collab_jax.trainer import train
 import testutil
+from testutil import env as _env  # pylint: disable=g-importing-member
+from testutil import free_port as _free_port  # pylint: disable=g-importing-member
+from testutil import launch_two as _launch  # pylint: disable=g-importing-member
+from testutil import start_cli as _start  # pylint: disable=g-importing-member
+from testutil import wait_all as _wait_all  # pylint: disable=g-importing-member
 
 # Orbax leaves coroutines of a failed restore (a corrupt checkpoint) behind;
 # they are collected during a later test.
@@ -67,26 +72,6 @@ def _write_config(path, data_dir, **overrides):
       f'def get_config():\n  return testutil.tiny_config(\n'
       f'      {str(data_dir)!r}, **{ {**RUN, **overrides}!r})\n')
   return path
-
-
-def _env(devices=8, **extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             **extra)
-  if 'JAX_COORDINATOR_ADDRESS' in extra:
-    # A multi-process CPU step loaded from the persistent compilation cache
-    # (conftest's) deadlocks in its first collective on jaxlib 0.12.1: both
-    # processes wait in the first device_get. Compile it afresh.
-    env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  return env
-
-
-def _start(args, log, env=None):
-  """Starts the CLI in the background, output to `log` (a path)."""
-  out = open(log, 'w')
-  return subprocess.Popen([sys.executable, '-m', 'collab_jax.main', *args],
-                          stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                          env=env or _env())
 
 
 def _run(args, env=None, timeout=300):
@@ -1222,12 +1207,6 @@ def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
 # 7. Several processes.
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   """jax.distributed on localhost (gloo collectives), halted and resumed."""
@@ -1273,29 +1252,6 @@ def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   with open(single / 'results.json') as f1, open(multi / 'results.json') as f2:
     r1, r2 = json.load(f1), json.load(f2)
   np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
-
-
-def _launch(args, workdir, log_prefix, devices):
-  """The CLI as 2 processes of `devices` CPU devices each (jax.distributed)."""
-  port = _free_port()
-  return [_start([*args, f'--workdir={workdir}'], f'{log_prefix}_{i}',
-                 env=_env(devices=devices,
-                          JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-                          JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
-          for i in range(2)]
-
-
-def _wait_all(procs, log_prefix, timeout=300):
-  try:
-    rcs = [p.wait(timeout) for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    raise
-  logs = [open(f'{log_prefix}_{i}').read() for i in range(len(procs))]
-  for rc, log in zip(rcs, logs):
-    assert rc == 0, log[-3000:]
-  return logs
 
 
 @pytest.mark.slow
