@@ -458,8 +458,14 @@ def run_impl(make_config, graphs, timing, vmap_timing, loop_steps=None,
   return rows
 
 
-def run_pipeline(batch, steps, train_images_per_s, log=print):
-  """Host batch assembly and on-device augment+normalize, in images/s."""
+# Step rate of ResNet-50 on one MLPerf-class H100 (img/s), for the host-side
+# arithmetic: how many host cores one accelerator's input needs.
+ACCELERATOR_IMAGES_PER_S = 3000
+
+
+def run_pipeline(batch, steps, train_images_per_s, log=print, host_seconds=10.0):
+  """Host batch assembly and on-device augment+normalize, in images/s; and
+  ImageNet's decode + crop rate per host core (`imagenet.measure_host_rate`)."""
   num = 50000
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
@@ -501,13 +507,18 @@ def run_pipeline(batch, steps, train_images_per_s, log=print):
     jax.block_until_ready(device_preprocess(step, x))
     times.append(time.perf_counter() - start)
   device = _summary(times, batch)
+  decode = imagenet.measure_host_rate(seconds=host_seconds)
   out = {'batch': batch, 'host': host, 'device_augment': device,
          'train_step_images_per_s': train_images_per_s,
          'host_over_step': host['images_per_s'] / train_images_per_s,
-         'device_augment_over_step': device['images_per_s'] / train_images_per_s}
+         'device_augment_over_step': device['images_per_s'] / train_images_per_s,
+         'imagenet_decode': decode,
+         'imagenet_cores_per_accelerator':
+             ACCELERATOR_IMAGES_PER_S / decode['img_per_s_per_core']}
   log(f'  pipeline host {host["images_per_s"]:9.0f} img/s, device augment '
       f'{device["images_per_s"]:9.0f} img/s, step {train_images_per_s:7.1f} '
-      'img/s')
+      f'img/s; ImageNet decode+crop {decode["img_per_s_per_core"]:.0f} '
+      'img/s per core')
   return out
 
 
@@ -854,6 +865,16 @@ def render_markdown(result, name):
           f'| {p["device_augment_over_step"]:.0f}x |',
           f'| train step (single, float32) | '
           f'{p["train_step_images_per_s"]:.1f} | 1x |', '']
+    if p.get('imagenet_decode'):
+      d = p['imagenet_decode']
+      L += [f'ImageNet host side (`imagenet.measure_host_rate`, {d["source"]} '
+            f'JPEGs of {d["mean_jpeg_kb"]:.0f} kB, {d["image_size"]} px): '
+            f'decode + random-resized crop + flip at '
+            f'{d["img_per_s_per_core"]:.0f} img/s per host core (per CPU '
+            f'second of one thread); feeding {ACCELERATOR_IMAGES_PER_S} img/s '
+            '(ResNet-50 on one MLPerf-class H100) takes '
+            f'{p["imagenet_cores_per_accelerator"]:.1f} host cores per '
+            'accelerator.', '']
   if result.get('options'):
     L += ['## Options (same run)' if not device_mode else
           '## CPU-motivated compiler options on this device', '',
@@ -1280,7 +1301,8 @@ def main(argv=None):
     log('section pipeline')
     single = result['graphs']['CIFAR ResNet-32']['rows'][0]
     result['pipeline'] = run_pipeline(
-        single['batch'], pipeline_steps, single['images_per_s'], log=log)
+        single['batch'], pipeline_steps, single['images_per_s'], log=log,
+        host_seconds=0.5 if args.quick else 10.0)
   contention_steps = {'single': kept_steps.get('single'),
                       'h4_hierarchical': kept_steps.get('h4_hierarchical')}
   kept_options = {}

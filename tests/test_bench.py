@@ -43,6 +43,11 @@ def test_quick_bench_writes_every_section(tmp_path):
   assert 'Fashion-MNIST ViT-tiny' in report
   assert {r['branch_impl'] for r in saved['impl']} == {'loop', 'vmap'}
   assert saved['pipeline']['host']['images_per_s'] > 0
+  decode = saved['pipeline']['imagenet_decode']
+  assert decode['img_per_s_per_core'] > 0 and decode['images'] > 0
+  assert saved['pipeline']['imagenet_cores_per_accelerator'] == pytest.approx(
+      bench.ACCELERATOR_IMAGES_PER_S / decode['img_per_s_per_core'])
+  assert 'host cores per accelerator' in report
   variants = {r['variant'] for r in saved['options']}
   assert {'baseline', 'bfloat16', 'remat', '1 intra-op thread'} <= variants
   assert any('CPU devices' in v for v in variants)
