@@ -861,6 +861,16 @@ def _write_bad_data(d, kind):
 BAD_CONFIGS = [
     ({'eval_batch_size': 12}, errors.ConfigError,
      'config.eval_batch_size: 12 does not divide over 8 devices'),
+    ({'batch_size': 12}, errors.ConfigError,
+     'config.batch_size: 12 does not divide over 8 devices'),
+    ({'model.splits': ((5, 2),)}, errors.ConfigError,
+     'config.model.splits: ((5, 2),): split index 5 is out of range'),
+    ({'model.splits': ((1, 1),)}, errors.ConfigError,
+     'a split needs at least 2 branches'),
+    ({'method': 'magic'}, errors.ConfigError, "config.method: 'magic' is unknown"),
+    ({'beta': 0.0}, errors.ConfigError, 'config.beta: 0.0 is outside (0, 1]'),
+    ({'model.name': 'resnet9000'}, errors.ConfigError,
+     "config.model.name: 'resnet9000' is an unknown network"),
     ({'label_noise': 1.0}, errors.ConfigError,
      'config.label_noise: 1.0 must be a fraction in [0, 1)'),
     ({'label_noise': -0.1}, errors.ConfigError,
@@ -1006,6 +1016,14 @@ def test_bad_data_file_is_one_clear_line(tmp_path, kind, message):
   with pytest.raises(errors.DatasetError, match=message) as e:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
+
+
+def test_missing_data_dir_is_one_clear_line(tmp_path):
+  config = _config(tmp_path / 'nodata')
+  with pytest.raises(errors.DatasetError, match='Fashion-MNIST IDX files not '
+                     r'found in .*nodata \(no such directory\)') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value) and not os.path.exists(tmp_path / 'run')
 
 
 def test_bad_workdir_is_one_clear_line(data_dir, tmp_path):
