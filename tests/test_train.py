@@ -53,6 +53,14 @@ def test_end_to_end_local_idx_with_export_and_logs(data_dir, tmp_path):
   assert 0 <= results['head_1_test_top5_error'] <= results['head_1_test_error']
   assert results['head_1_test_top5_error'] == results['head_test_top5_errors'][0]
   assert results['versions']['jax'] == jax.__version__
+  # What computed it: the source's commit (this checkout's), and whether the
+  # tree differed from it.
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, text=True,
+                        capture_output=True, check=True).stdout.strip()
+  assert results['commit'] == head and isinstance(results['dirty'], bool)
+  with open(tmp_path / 'run_info.json') as f:
+    info = json.load(f)
+  assert (info['commit'], info['versions']) == (head, results['versions'])
   with open(tmp_path / 'data.json') as f:  # the record names its data too
     assert results['data_fingerprint'] == json.load(f)
   assert any(r.get('head_1/top5_error') is not None
