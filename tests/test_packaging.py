@@ -8,6 +8,7 @@ that TensorFlow was neither installed nor imported.
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,17 @@ def test_wheel_with_core_dependencies_only(tmp_path):
   assert report['tf_installed'] is False, report
   assert report['all'] == sorted(collab_jax.__all__), report
   assert report['py_typed'] is True, report  # PEP 561: the hints ship
+  # The trainer on a core-only install: one line naming the extra.
+  out = subprocess.run([python, '-m', 'collab_jax.main', '--config=c.py',
+                        '--workdir=w'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.fullmatch(
+      r"error: the trainer needs the \[train\] extra \(\w+ is not installed\): "
+      r"pip install 'collab_jax\[train\]', or in a checkout pip install -e "
+      r"'\.\[train\]'\.", lines[0]), lines
+  assert not os.path.exists(tmp_path / 'w')
 
 
 def _untyped(fn):
