@@ -1281,14 +1281,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
   pre-emption sync manager) and exit 0; the rerun resumes there and ends
   bit-identical to an uninterrupted 2-process run.
   """
-  steps_total = 300  # one log step, the last; the signal comes long before
+  steps_total = 120  # one log step, the last; the signal comes long before
   cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=steps_total,
                       log_every_steps=steps_total,
                       checkpoint_every_steps=steps_total,
                       **{'model.splits': ()})
   args = [f'--config={cfg}']
+  # The uninterrupted run trains meanwhile.
   full = _launch(args, tmp_path / 'full', tmp_path / 'log_full', devices=4)
-  _wait_all(full, tmp_path / 'log_full')
 
   workdir = tmp_path / 'run'
   procs = _launch(args, workdir, tmp_path / 'log_run', devices=4)
@@ -1315,6 +1315,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
   rerun = _launch(args, workdir, tmp_path / 'log_rerun', devices=4)
   logs = _wait_all(rerun, tmp_path / 'log_rerun')
   assert f'resuming from the checkpoint at step {step}' in logs[0]
+  _wait_all(full, tmp_path / 'log_full')
   _assert_trees_equal(_state(workdir, config), _state(tmp_path / 'full', config))
   with open(workdir / 'results.json') as f1, open(
       tmp_path / 'full' / 'results.json') as f2:
