@@ -6,9 +6,8 @@ No network needed: reads the original IDX files of Debian's
 Command:  make run
    i.e.   python -m collab_jax.main --config=configs/default.py --workdir=runs/default
 
-Expected (measured, see README): 7 epochs, about 11 minutes on 2 quiet CPU
-cores (JAX 0.12), head 1 test error 9.79 % (seed 0; one core per run: 9.87 %).
-6 epochs gave 10.34-10.44 %.
+Expected (measured, see README): 7 epochs, about 7-11 minutes on 2 quiet CPU
+cores (JAX 0.12), head 1 test error 9.65 % (seed 0).
 """
 
 from collab_jax.trainer import recipes
