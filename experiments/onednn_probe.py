@@ -1,6 +1,6 @@
 """oneDNN in XLA:CPU and through jax.ffi: the compiled programs and the pieces.
 
-Answers issue #27's question (does this jaxlib's XLA:CPU use oneDNN at all?)
+Answers the question "does this jaxlib's XLA:CPU use oneDNN at all?"
 from the optimised HLO of one 3x3 convolution's gradient under each oneDNN
 option (custom-call targets, convolutions left, operand shapes), then times
 each piece of one convolution (forward, input gradient, weight gradient) at

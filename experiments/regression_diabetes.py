@@ -1,4 +1,4 @@
-"""Collaborative regression on scikit-learn's diabetes data (issue #17 part 4).
+"""Collaborative regression on scikit-learn's diabetes data.
 
 The paper names regression as future work; `collab_jax.collaborative_regression_loss`
 is its loss with squared error (see its docstring). This compares, on the 442

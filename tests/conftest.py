@@ -1,7 +1,6 @@
 """Tests run on CPU with 8 fake devices (set before JAX initialises its backends)."""
 
 import os
-import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -24,21 +23,66 @@ FAST_COMPILE = ({} if os.environ.get('COLLAB_JAX_TEST_FULL_OPT') == '1' else
 
 
 @pytest.fixture(scope='session', autouse=True)
-def compilation_cache():
+def compilation_cache(tmp_path_factory):
   """A persistent compilation cache for the session, subprocesses included.
 
-  The tests compile the same tiny programs again and again (in this process
-  and in the `python -m collab_jax.main` subprocesses); on a 2-core machine a
-  compile takes seconds, a cache hit a fraction of one. Cached executables are
-  the programs XLA would compile again, so results do not change.
+  The tests compile the same tiny programs again and again (in this process,
+  in the other pytest-xdist worker and in the `python -m collab_jax.main`
+  subprocesses); on a 2-core machine a compile takes seconds, a cache hit a
+  fraction of one. Cached executables are the programs XLA would compile
+  again, so results do not change. The xdist workers share one cache (in the
+  run's base temporary directory, fresh for every pytest run); JAX falls back
+  to compiling when an entry cannot be read.
   """
-  with tempfile.TemporaryDirectory(prefix='collab_jax_test_cache_') as cache:
-    settings = {**FAST_COMPILE, 'jax_compilation_cache_dir': cache,
-                'jax_persistent_cache_min_compile_time_secs': 0,
-                'jax_persistent_cache_min_entry_size_bytes': 0}
-    for name, value in settings.items():
-      jax.config.update(name, value)
-      os.environ[name.upper()] = str(value)  # inherited by subprocesses
-    yield cache
-    for name in settings:
-      os.environ.pop(name.upper(), None)
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # the controller's directory, above each worker's own
+  cache = base / 'jax_compilation_cache'
+  cache.mkdir(exist_ok=True)
+  settings = {**FAST_COMPILE, 'jax_compilation_cache_dir': str(cache),
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)  # inherited by subprocesses
+  yield str(cache)
+  for name in settings:
+    os.environ.pop(name.upper(), None)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist, starts every worker on its share of the slow tests.
+
+  The work-stealing scheduler hands each worker a contiguous share of the
+  collection and then moves tests from the end of a busy worker's queue to
+  an idle one. A slow test that starts last leaves the other workers idle
+  until it ends, so the slow tests (`@pytest.mark.slow(seconds=...)`, a rough
+  duration) go to the front of the shares, longest first, each to the share
+  with the least slow work. Every worker computes the same order.
+  """
+  workers = getattr(config, 'workerinput', {}).get('workercount', 1)
+  if workers < 2:
+    return
+  sizes, left = [], len(items)
+  for i in range(workers):  # the scheduler's first split
+    sizes.append(left // (workers - i))
+    left -= sizes[-1]
+
+  def seconds(item):
+    marker = item.get_closest_marker('slow')
+    return marker.kwargs.get('seconds', 30) if marker else 0
+
+  slow = sorted((item for item in items if seconds(item)), key=seconds,
+                reverse=True)
+  shares = [[] for _ in range(workers)]
+  load = [0] * workers
+  for item in slow:
+    i = min(range(workers), key=lambda w: (load[w], w))
+    if len(shares[i]) < sizes[i]:
+      shares[i].append(item)
+      load[i] += seconds(item)
+  placed = {id(item) for share in shares for item in share}
+  rest = iter(item for item in items if id(item) not in placed)
+  for i, share in enumerate(shares):
+    share.extend(next(rest) for _ in range(sizes[i] - len(share)))
+  items[:] = [item for share in shares for item in share]

@@ -234,7 +234,7 @@ def test_export_checks_that_splits_match_the_variables(built, given, match):
 
 
 # ----------------------------------------------------------------------------
-# Reliability (issue #26, items 17 and 18): bad trees, heads and exports.
+# Reliability: bad trees, heads and exports.
 
 
 def test_empty_or_non_callable_stages_fail_at_construction():

@@ -404,7 +404,7 @@ def test_per_example_for_the_baselines_and_regression():
 
 
 # ----------------------------------------------------------------------------
-# Reliability (issue #26, items 16 and 17): the library's own words for empty
+# Reliability: the library's own words for empty
 # batches, wrong types and wrong shapes.
 
 EMPTY = (r'with an empty batch axis; the loss is a mean over the batch: skip '

@@ -1,4 +1,4 @@
-"""What makes each method itself (issue: every row of the paper's tables)."""
+"""What makes each method itself."""
 
 import functools
 

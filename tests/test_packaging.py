@@ -43,7 +43,7 @@ CHECK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_wheel_with_core_dependencies_only(tmp_path):
   # Built from a copy: an in-tree build leaves build/lib behind, and a later
   # wheel would ship modules that have since been moved or deleted.
@@ -57,9 +57,13 @@ def test_wheel_with_core_dependencies_only(tmp_path):
                   '-w', str(wheels), str(src)], check=True, cwd=tmp_path)
   (wheel,) = wheels.glob('collab_jax-*.whl')
   venv = tmp_path / 'venv'
-  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  # A venv without its own pip, filled by this pip (--python), without
+  # byte-compiling: the same packages installed, in about half the time.
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)],
+                 check=True)
   python = str(venv / 'bin' / 'python')
-  subprocess.run([python, '-m', 'pip', 'install', '-q', str(wheel)], check=True)
+  subprocess.run([sys.executable, '-m', 'pip', '--python', python, 'install',
+                  '-q', '--no-compile', str(wheel)], check=True)
   snippets = {k: v for k, v in test_readme._snippets().items()  # pylint: disable=protected-access
               if k in ('plain-jax', 'head-tree', 'nnx')}
   assert len(snippets) == 3

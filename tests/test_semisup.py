@@ -1,4 +1,4 @@
-"""Semi-supervised training (issue #17): labelled split, batches, ramp-up, Mean Teacher."""
+"""Semi-supervised training: labelled split, batches, ramp-up, Mean Teacher."""
 
 import os
 
