@@ -4,8 +4,8 @@ Fake ILSVRC2012 tars -> `python -m collab_jax.data.prepare_imagenet` ->
 `configs/imagenet_resnet50_h4.py` (a tiny ResNet-50-shaped network, 32x32
 crops) on 2 processes x 4 CPU devices -> SIGTERM to one process between log
 steps -> both save that step -> the rerun resumes there -> top-1 and top-5
-results -> head 1 exported. (That a resumed 2-process run is exact is
-tested in test_reliability: halted and resumed, it matches a 1-process run.)
+results -> head 1 exported. (That the rerun ends bit-identical to an
+uninterrupted 2-process run is tested in test_reliability.)
 """
 
 import json

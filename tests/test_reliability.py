@@ -36,7 +36,9 @@ from collab_jax.trainer import train
 import testutil
 from testutil import env as _env  # pylint: disable=g-importing-member
 from testutil import free_port as _free_port  # pylint: disable=g-importing-member
+from testutil import launch_two as _launch  # pylint: disable=g-importing-member
 from testutil import start_cli as _start  # pylint: disable=g-importing-member
+from testutil import wait_all as _wait_all  # pylint: disable=g-importing-member
 
 # Orbax leaves coroutines of a failed restore (a corrupt checkpoint) behind;
 # they are collected during a later test.
@@ -1268,6 +1270,56 @@ def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   with open(single / 'results.json') as f1, open(multi / 'results.json') as f2:
     r1, r2 = json.load(f1), json.load(f2)
   np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
+
+
+@pytest.mark.slow(seconds=50)
+def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
+                                                                 tmp_path):
+  """Pre-emption at any step: SIGTERM to process 1 between log steps.
+
+  2 processes x 4 CPU devices. Both save the step they agree on (JAX's
+  pre-emption sync manager) and exit 0; the rerun resumes there and ends
+  bit-identical to an uninterrupted 2-process run.
+  """
+  steps_total = 120  # one log step, the last; the signal comes long before
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=steps_total,
+                      log_every_steps=steps_total,
+                      checkpoint_every_steps=steps_total,
+                      **{'model.splits': ()})
+  args = [f'--config={cfg}']
+  # The uninterrupted run trains meanwhile.
+  full = _launch(args, tmp_path / 'full', tmp_path / 'log_full', devices=4)
+
+  workdir = tmp_path / 'run'
+  procs = _launch(args, workdir, tmp_path / 'log_run', devices=4)
+  t0 = time.time()
+  while not (workdir / 'run_info.json').exists():  # written once compiled
+    assert all(p.poll() is None for p in procs), open(
+        tmp_path / 'log_run_0').read()[-3000:]
+    assert time.time() - t0 < 240
+    time.sleep(0.01)
+  time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _wait_all(procs, tmp_path / 'log_run')
+  stopped = [l for l in logs[0].splitlines() if l.startswith('pre-empted at')]
+  assert len(stopped) == 1, logs[0][-3000:]
+  step = int(stopped[0].split()[3].rstrip(';'))
+  assert 0 < step < steps_total, stopped  # not a log step, nor the last
+  config = _config(data_dir, num_train_steps=steps_total,
+                   log_every_steps=steps_total, checkpoint_every_steps=steps_total,
+                   **{'model.splits': ()})
+  with checkpointing.checkpoint_manager(str(workdir), config) as manager:
+    assert manager.all_steps() == [step]  # saved by both, at that step
+  assert not (workdir / 'results.json').exists()
+
+  rerun = _launch(args, workdir, tmp_path / 'log_rerun', devices=4)
+  logs = _wait_all(rerun, tmp_path / 'log_rerun')
+  assert f'resuming from the checkpoint at step {step}' in logs[0]
+  _wait_all(full, tmp_path / 'log_full')
+  _assert_trees_equal(_state(workdir, config), _state(tmp_path / 'full', config))
+  with open(workdir / 'results.json') as f1, open(
+      tmp_path / 'full' / 'results.json') as f2:
+    assert json.load(f1)['head_test_errors'] == json.load(f2)['head_test_errors']
 
 
 # ----------------------------------------------------------------------------
