@@ -22,7 +22,7 @@ import bench  # noqa: E402
 import op_profile  # noqa: E402
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow
 def test_quick_bench_writes_every_section(tmp_path):
   result = bench.main(['--quick', f'--out={tmp_path}',
                        '--sections=graphs,torch,impl,pipeline,options,'
@@ -79,7 +79,7 @@ def test_quick_bench_writes_every_section(tmp_path):
   assert (tmp_path / 'bench.md').read_text() == report
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow
 def test_tiny_device_check_runs_on_cpu(tmp_path):
   """`make bench-device`'s script, tiny models, 1-2 steps (here on CPU)."""
   result = bench.main(['--device', '--tiny', f'--out={tmp_path}'])

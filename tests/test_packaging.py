@@ -63,7 +63,7 @@ def venv_dir(tmp_path):
     yield tmp_path / 'venv'
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow
 def test_wheel_with_core_dependencies_only(tmp_path, venv_dir):
   # Built from a copy: an in-tree build leaves build/lib behind, and a later
   # wheel would ship modules that have since been moved or deleted.

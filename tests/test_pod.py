@@ -19,7 +19,7 @@ from collab_jax.data import fake_imagenet
 import testutil
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow
 def test_imagenet_config_prepared_preempted_resumed_on_two_processes(tmp_path):
   data_dir = tmp_path / 'imagenet'
   fake_imagenet.make_tars(data_dir / 'downloads' / 'manual', num_classes=4,

@@ -1225,7 +1225,7 @@ def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
 # 7. Several processes.
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   """jax.distributed on localhost (gloo collectives), halted and resumed."""
   # One head: a smaller program compiles faster, and the heads do not matter.
@@ -1272,7 +1272,7 @@ def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
   np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
                                                                  tmp_path):
   """Pre-emption at any step: SIGTERM to process 1 between log steps.

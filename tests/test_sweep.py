@@ -50,7 +50,7 @@ def _run(driver, tmp_path, **kwargs):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow
 def test_sweep_kill_resume_records_and_a_fresh_clone(tmp_path):
   data_dir = tmp_path / 'data'
   testutil.fake_fashion_mnist(str(data_dir), num_train=96, num_test=40, shape=(12, 12))

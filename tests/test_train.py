@@ -206,7 +206,7 @@ def test_methods_run(data_dir, tmp_path, capsys, method, splits):
     assert 0 <= results['teacher_ensemble_test_error'] <= 100
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow
 def test_cifar10_and_imagenet_on_mock_data(tmp_path):
   tfds = tfds_io.import_tfds()
   config = testutil.tiny_config('', dataset='cifar10', num_train_steps=2)
