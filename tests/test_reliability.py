@@ -468,7 +468,7 @@ def _records(workdir, kind):
     return [r for r in map(json.loads, f) if r['kind'] == kind]
 
 
-# Issue 26, case 1: a resumed run never goes back a step.
+# A resumed run never goes back a step.
 def test_resume_never_goes_back_a_step(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   short = {'label_noise': 0.0, 'num_train_steps': 4}
@@ -485,7 +485,7 @@ def test_resume_never_goes_back_a_step(data_dir, tmp_path):
   assert _files(workdir) == before  # config.json and the log untouched
 
 
-# Issue 26, case 2: results.json, the export and the last checkpoint agree.
+# results.json, the export and the last checkpoint agree.
 def test_export_results_and_checkpoint_name_the_same_step(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   three = _config(data_dir, label_noise=0.0, num_train_steps=3)
@@ -519,7 +519,7 @@ def test_export_results_and_checkpoint_name_the_same_step(data_dir, tmp_path):
   assert not (workdir / 'results.json').exists()
 
 
-# Issue 26, case 7: every (step, kind) once, also after a crash in the export.
+# Every (step, kind) once, also after a crash in the export.
 def test_final_records_are_logged_once_after_a_crash_in_the_export(
     data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
@@ -536,7 +536,7 @@ def test_final_records_are_logged_once_after_a_crash_in_the_export(
         [1, 2] if kind == 'train' else [2]), kind
 
 
-# Issue 26, case 5: no config record beside checkpoints is a damaged workdir.
+# No config record beside checkpoints is a damaged workdir.
 def test_missing_config_record_is_a_damaged_workdir(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   short = {'label_noise': 0.0, 'num_train_steps': 4}
@@ -558,7 +558,7 @@ def test_missing_config_record_is_a_damaged_workdir(data_dir, tmp_path):
   assert change['step'] == 2 and list(change['changes']) == ['config.json']
 
 
-# Issue 26, case 6: the data's fingerprint is recorded and compared.
+# The data's fingerprint is recorded and compared.
 def test_resume_on_other_data_is_refused(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   short = {'label_noise': 0.0, 'num_train_steps': 4}
@@ -611,7 +611,7 @@ def test_workdir_without_a_data_record_resumes_and_records_it(data_dir, tmp_path
   assert os.path.exists(os.path.join(workdir, 'data.json'))
 
 
-# Issue 26, case 4: finite divergence is a failure, by a documented rule.
+# Finite divergence is a failure, by a documented rule.
 @pytest.mark.parametrize('overrides,message', [
     # While training: every step of 5 in a row (log windows of 1 step) with
     # head 1's training cross-entropy above 10 log(10) = 23 nats. Steps 1 and
@@ -654,7 +654,7 @@ def test_cli_failed_run_is_one_line_with_exit_status_2(data_dir, tmp_path,
   assert lines[0].startswith(message), lines[0]
 
 
-# Issue 26, case 11: an evaluation batch beyond the test set or the memory.
+# An evaluation batch beyond the test set or the memory.
 def test_eval_batch_is_at_most_the_evaluated_set(data_dir, tmp_path):
   config = _config(data_dir, label_noise=0.0, num_train_steps=2)
   results = train.train_and_evaluate(config, str(tmp_path / 'a'))
@@ -992,7 +992,6 @@ BAD_DATA = [  # regular expressions
      r'\(12, 12, 1\)'),
     ('count', 'train files in .* disagree: 32 images but 31 labels'),
     ('not_gzip', 'cannot read IDX file .*train-images-idx3-ubyte.gz'),
-    # Issue 26, 13 and 12.
     ('corrupt_deflate', r'cannot read IDX file .*train-images-idx3-ubyte.gz '
      r'\(Error -3 while decompressing data'),
     ('empty_test', 'fashion_mnist_local: the test set has no examples'),
@@ -1187,13 +1186,13 @@ CLI_CASES = [
      'config.eval_batch_size: 4 does not divide over 8 devices'),
     (['--config={tmp}/ok.py', W, '--config.seed', '1', '--config.seed=2'],
      '--config.seed is given 2 times; give it once, as --config.seed=VALUE'),
-    # Issue 26, 19 and 20: a misspelt key is named as the flag; --config twice.
+    # A misspelt key is named as the flag; --config twice.
     (['--config={tmp}/ok.py', W, '--config.batchsize=32'],
      "--config.batchsize: the config of {tmp}/ok.py has no key 'batchsize' "
      "(did you mean 'batch_size'?)"),
     (['--config={tmp}/ok.py', '--config={tmp}/raises.py', W],
      '--config is given 2 times; give one config file'),
-    # Issue 23: a URL scheme the workdir cannot be on (no local folder 'foo:').
+    # A URL scheme the workdir cannot be on (no local folder 'foo:').
     (['--config={tmp}/ok.py', '--workdir=foo://bucket/run'],
      'workdir foo://bucket/run: the foo:// scheme is not supported'),
     # TensorFlow's C++ start-up lines must not come before the error.
@@ -1226,69 +1225,24 @@ def test_cli_input_mistake_is_one_line(data_dir, tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_two_devices(data_dir, tmp_path):
-  """jax.distributed on localhost (gloo collectives), halted and resumed."""
-  # One head: a smaller program compiles faster, and the heads do not matter.
-  cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=6,
-                      log_every_steps=1, checkpoint_every_steps=2,
-                      **{'model.splits': ()})
-  single = tmp_path / 'single'
-  one = _start([f'--config={cfg}', f'--workdir={single}'], tmp_path / 'log_single',
-               env=_env(devices=2))
+def test_two_processes_match_one_and_sigterm_to_one_stops_both(data_dir,
+                                                                tmp_path):
+  """jax.distributed on localhost (gloo collectives), pre-empted at any step.
 
-  multi = tmp_path / 'multi'
-  def launch(extra, tag):
-    port = _free_port()
-    procs = [_start([f'--config={cfg}', f'--workdir={multi}', *extra],
-                    tmp_path / f'log_{tag}_{i}',
-                    env=_env(devices=1, JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-                             JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    for i, p in enumerate(procs):
-      try:
-        rc = p.wait(240)
-      except subprocess.TimeoutExpired:
-        for q in procs:
-          q.kill()
-        raise
-      assert rc == 0, open(tmp_path / f'log_{tag}_{i}').read()[-3000:]
-  launch(['--config.halt_after_steps=3'], 'halted')
-  assert not os.path.exists(multi / 'results.json')
-  launch([], 'resumed')
-  assert 'resuming from the checkpoint at step 3' in open(
-      tmp_path / 'log_resumed_0').read()
-  assert one.wait(240) == 0, open(tmp_path / 'log_single').read()[-3000:]
-
-  with open(multi / 'run_info.json') as f:
-    info = json.load(f)
-  assert info['processes'] == 2 and info['devices'] == 2
-  a, b = _losses(single), _losses(multi)
-  assert sorted(a) == sorted(b) == list(range(1, 7))
-  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)],
-                             rtol=1e-6)
-  assert os.path.exists(multi / 'export' / 'head_1')
-  with open(single / 'results.json') as f1, open(multi / 'results.json') as f2:
-    r1, r2 = json.load(f1), json.load(f2)
-  np.testing.assert_allclose(r2['head_test_errors'], r1['head_test_errors'])
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
-                                                                 tmp_path):
-  """Pre-emption at any step: SIGTERM to process 1 between log steps.
-
-  2 processes x 4 CPU devices. Both save the step they agree on (JAX's
-  pre-emption sync manager) and exit 0; the rerun resumes there and ends
-  bit-identical to an uninterrupted 2-process run.
+  2 processes x 4 CPU devices train as one process with 8 devices does. A
+  SIGTERM to process 1 between log steps: both save the step they agree on
+  (JAX's pre-emption sync manager) and exit 0; the rerun resumes there and
+  ends bit-identical to an uninterrupted 2-process run.
   """
   steps_total = 120  # one log step, the last; the signal comes long before
-  cfg = _write_config(tmp_path / 'cfg.py', data_dir, num_train_steps=steps_total,
-                      log_every_steps=steps_total,
-                      checkpoint_every_steps=steps_total,
-                      **{'model.splits': ()})
+  overrides = dict(num_train_steps=steps_total, log_every_steps=steps_total,
+                   checkpoint_every_steps=steps_total, **{'model.splits': ()})
+  cfg = _write_config(tmp_path / 'cfg.py', data_dir, **overrides)
+  config = _config(data_dir, **overrides)
   args = [f'--config={cfg}']
   # The uninterrupted run trains meanwhile.
-  full = _launch(args, tmp_path / 'full', tmp_path / 'log_full', devices=4)
+  full = _launch([*args, '--config.log_every_steps=1'], tmp_path / 'full',
+                 tmp_path / 'log_full', devices=4)
 
   workdir = tmp_path / 'run'
   procs = _launch(args, workdir, tmp_path / 'log_run', devices=4)
@@ -1305,21 +1259,32 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_that_step(data_dir,
   assert len(stopped) == 1, logs[0][-3000:]
   step = int(stopped[0].split()[3].rstrip(';'))
   assert 0 < step < steps_total, stopped  # not a log step, nor the last
-  config = _config(data_dir, num_train_steps=steps_total,
-                   log_every_steps=steps_total, checkpoint_every_steps=steps_total,
-                   **{'model.splits': ()})
   with checkpointing.checkpoint_manager(str(workdir), config) as manager:
     assert manager.all_steps() == [step]  # saved by both, at that step
   assert not (workdir / 'results.json').exists()
 
   rerun = _launch(args, workdir, tmp_path / 'log_rerun', devices=4)
+  # The one-process reference (this process has 8 CPU devices) meanwhile.
+  train.train_and_evaluate(
+      ml_collections.ConfigDict({**config.to_dict(), 'log_every_steps': 1,
+                                 'halt_after_steps': 6}), str(tmp_path / 'one'))
   logs = _wait_all(rerun, tmp_path / 'log_rerun')
   assert f'resuming from the checkpoint at step {step}' in logs[0]
   _wait_all(full, tmp_path / 'log_full')
+  with open(workdir / 'run_info.json') as f:
+    info = json.load(f)
+  assert info['processes'] == 2 and info['devices'] == 8
   _assert_trees_equal(_state(workdir, config), _state(tmp_path / 'full', config))
   with open(workdir / 'results.json') as f1, open(
       tmp_path / 'full' / 'results.json') as f2:
     assert json.load(f1)['head_test_errors'] == json.load(f2)['head_test_errors']
+  assert os.path.exists(workdir / 'export' / 'head_1')
+  # One process with 8 devices: the same losses, step by step, up to the
+  # order of the sums (the uninterrupted run logs every step for this).
+  a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'full')
+  assert sorted(a) == list(range(1, 7))
+  np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)],
+                             rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------
