@@ -1229,7 +1229,8 @@ def test_two_processes_match_one_and_sigterm_to_one_stops_both(data_dir,
                                                                 tmp_path):
   """jax.distributed on localhost (gloo collectives), pre-empted at any step.
 
-  2 processes x 4 CPU devices train as one process with 8 devices does. A
+  2 processes x 4 CPU devices train as one process with 8 devices does (the
+  losses, step by step) and evaluate as it does (the same checkpoint). A
   SIGTERM to process 1 between log steps: both save the step they agree on
   (JAX's pre-emption sync manager) and exit 0; the rerun resumes there and
   ends bit-identical to an uninterrupted 2-process run.
@@ -1284,6 +1285,17 @@ def test_two_processes_match_one_and_sigterm_to_one_stops_both(data_dir,
   a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'full')
   assert sorted(a) == list(range(1, 7))
   np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)],
+                             rtol=1e-6)
+  # ... and evaluates the 2-process run's final checkpoint as the 2 processes
+  # did (the run resumes there on 1 process and only evaluates).
+  shutil.copytree(tmp_path / 'full', tmp_path / 'eval',
+                  ignore=shutil.ignore_patterns('results.json', 'export'))
+  single = train.train_and_evaluate(config, str(tmp_path / 'eval'))
+  with open(tmp_path / 'full' / 'results.json') as f:
+    multi = json.load(f)
+  assert single['processes'] == 1 and multi['processes'] == 2
+  assert single['head_test_errors'] == multi['head_test_errors']
+  np.testing.assert_allclose(single['head_1_test_loss'], multi['head_1_test_loss'],
                              rtol=1e-6)
 
 
