@@ -35,7 +35,6 @@ from collab_jax.trainer import steps
 from collab_jax.trainer import train
 import testutil
 from testutil import env as _env  # pylint: disable=g-importing-member
-from testutil import free_port as _free_port  # pylint: disable=g-importing-member
 from testutil import launch_two as _launch  # pylint: disable=g-importing-member
 from testutil import start_cli as _start  # pylint: disable=g-importing-member
 from testutil import wait_all as _wait_all  # pylint: disable=g-importing-member
@@ -1267,8 +1266,8 @@ def test_two_processes_match_one_and_sigterm_to_one_stops_both(data_dir,
   rerun = _launch(args, workdir, tmp_path / 'log_rerun', devices=4)
   # The one-process reference (this process has 8 CPU devices) meanwhile.
   train.train_and_evaluate(
-      ml_collections.ConfigDict({**config.to_dict(), 'log_every_steps': 1,
-                                 'halt_after_steps': 6}), str(tmp_path / 'one'))
+      _config(data_dir, **{**overrides, 'log_every_steps': 1,
+                           'halt_after_steps': 6}), str(tmp_path / 'one'))
   logs = _wait_all(rerun, tmp_path / 'log_rerun')
   assert f'resuming from the checkpoint at step {step}' in logs[0]
   _wait_all(full, tmp_path / 'log_full')
